@@ -1,0 +1,120 @@
+"""The one LightningModule: next-token cross-entropy, AdamW and the learning-rate schedule
+around any plain `nn.Module` language model."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.errors import GptlabError
+
+
+class LRSchedule:
+    """Multiplier of the base lr at a step: `constant`, or linear warmup then cosine decay
+    to `min_lr` at `decay_steps` (nanoGPT's schedule). A plain object so that LambdaLR
+    saves its fields in the checkpoint."""
+
+    def __init__(self, schedule: str, lr: float, min_lr: float, warmup_steps: int,
+                 decay_steps: int):
+        if schedule not in ("constant", "cosine"):
+            raise GptlabError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+        self.schedule, self.lr, self.min_lr = schedule, lr, min_lr
+        self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
+
+    def __call__(self, step: int) -> float:
+        if self.schedule == "constant":
+            return 1.0
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if step >= self.decay_steps:
+            return self.min_lr / self.lr
+        ratio = (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps)
+        coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+        return (self.min_lr + coeff * (self.lr - self.min_lr)) / self.lr
+
+
+class LitLM(pl.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        decay_steps: int | None = None,
+        schedule: str = "cosine",
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        fused: bool | None = None,
+        checkpoint_info: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if lr <= 0:
+            raise GptlabError(f"optim.lr must be positive, got {lr}")
+        self.model = model
+        self.lr, self.weight_decay, self.betas, self.fused = lr, weight_decay, tuple(betas), fused
+        self.schedule = LRSchedule(schedule, lr, min_lr, warmup_steps, decay_steps or 0)
+        # what a checkpoint needs to rebuild the model without the config: plain values only
+        self.checkpoint_info = checkpoint_info or {}
+        self._val_losses: list[torch.Tensor] = []
+        self._last_time: float | None = None
+        self._tokens_since = 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)  # (B, T, V)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+                      ) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        self._tokens_since += batch[0].numel()
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # throughput over the logging interval, so the figure is not one noisy step
+        step = self.global_step
+        if step % self.trainer.log_every_n_steps:
+            return
+        now = time.perf_counter()
+        if self._last_time is not None:
+            self.log("tokens_per_sec", self._tokens_since / (now - self._last_time))
+        self._last_time, self._tokens_since = now, 0
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        self.log("tokens", float(step * batch[0].numel()))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._val_losses.append(self.loss(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        val_loss = torch.stack(self._val_losses).mean()
+        self._val_losses.clear()
+        self.log("val/loss", val_loss, prog_bar=True)
+        self.log("val/bpc", val_loss / math.log(2))
+        # the validation pause is not training time
+        self._last_time, self._tokens_since = None, 0
+
+    def configure_optimizers(self) -> dict:
+        # weight decay on matrices (linear and embedding weights) only, as in GPT-2
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        extra = {} if self.fused is None else {"fused": self.fused}
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, **extra)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["gptlab"] = {**self.checkpoint_info, "step": self.global_step}

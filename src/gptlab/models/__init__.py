@@ -1,0 +1,45 @@
+"""Plain `nn.Module` language models: `forward(idx) -> logits (B, T, V)` and `generate`."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.errors import GptlabError
+
+
+def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None
+              ) -> torch.Tensor:
+    """Sample one token per row from the logits of the last position. (B, V) -> (B, 1)"""
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1)
+
+
+def check_sampling_args(temperature: float, top_k: int | None) -> None:
+    if temperature <= 0:
+        raise GptlabError(f"temperature must be positive, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise GptlabError(f"top_k must be positive, got {top_k}")
+
+
+def class_path(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def build_model(target: str, kwargs: dict) -> nn.Module:
+    """Rebuild a model recorded in a checkpoint; only gptlab's own model classes load."""
+    module_name, _, cls_name = target.rpartition(".")
+    if not module_name.startswith("gptlab.models."):
+        raise GptlabError(f"checkpoint names a model class outside gptlab.models: {target}")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError):
+        raise GptlabError(f"checkpoint names an unknown model class: {target}") from None
+    return cls(**kwargs)

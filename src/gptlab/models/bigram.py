@@ -1,0 +1,28 @@
+"""The bigram language model: each token's logits for the next are one row of a table."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gptlab.models import check_sampling_args, pick_next
+
+
+class BigramLanguageModel(nn.Module):
+    def __init__(self, vocab_size: int, block_size: int = 8):
+        super().__init__()
+        self.vocab_size, self.block_size = vocab_size, block_size
+        self.token_embedding_table = nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding_table(idx)  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+        check_sampling_args(temperature, top_k)
+        for _ in range(max_new_tokens):
+            # the next token depends on the last one only, so the context is one token
+            logits = self(idx[:, -1:])[:, -1, :]  # (B, V)
+            idx = torch.cat((idx, pick_next(logits, temperature, top_k)), dim=1)
+        return idx

@@ -1,0 +1,204 @@
+"""A GPT language model (decoder-only transformer), with switches for the lecture's stages.
+
+With every switch on (the default) this is GPT-2's architecture at small scale:
+token + position embeddings, `n_layer` pre-LayerNorm blocks of causal multi-head
+self-attention and a 4x GELU MLP with residual connections, a final LayerNorm and a
+linear head. Turning switches off gives the stages of the "Let's build GPT" lecture:
+`attention="average"` replaces self-attention by causal uniform averaging (bag of words),
+and `ffn`, `residual` and `layernorm` remove those parts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.errors import GptlabError
+from gptlab.models import check_sampling_args, pick_next
+from gptlab.models.averaging import AGGREGATIONS
+
+KVCache = list[dict[str, torch.Tensor]]  # one {"k": (B, nh, T, hs), "v": ...} per layer
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # key, query, value projections
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # with a cache, the T new queries follow the cached keys: a single new token sees all
+        # of them, so only a prefill (empty cache) needs the causal mask
+        is_causal = True
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat((cache["k"], k), dim=2)
+                v = torch.cat((cache["v"], v), dim=2)
+                is_causal = T > 1
+            cache["k"], cache["v"] = k, v
+        # softmax(q k^T / sqrt(hs)) v: the scale keeps the affinities at unit variance
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class CausalAverage(nn.Module):
+    """Each position becomes the mean of itself and its past: attention with equal weights."""
+
+    def __init__(self, aggregation: str = "matmul"):
+        super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise GptlabError(
+                f"model.aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}"
+            )
+        self.average = AGGREGATIONS[aggregation]
+
+    def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        if cache is None:
+            return self.average(x)
+        if "v" not in cache:  # prefill
+            cache["v"] = x
+            return self.average(x)
+        cache["v"] = torch.cat((cache["v"], x), dim=1)  # (B, T, C)
+        return cache["v"].mean(dim=1, keepdim=True)  # one new token: (B, 1, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, dropout: float, bias: bool):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Communication (attention) then computation (MLP), each on a LayerNorm-ed residual."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, attention: str,
+                 aggregation: str, ffn: bool, residual: bool, layernorm: bool):
+        super().__init__()
+        self.residual = residual
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias) if layernorm else nn.Identity()
+        if attention == "self":
+            self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        else:
+            self.attn = CausalAverage(aggregation)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias) if layernorm and ffn else nn.Identity()
+        self.mlp = MLP(n_embd, dropout, bias) if ffn else None
+
+    def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        a = self.attn(self.ln_1(x), cache)
+        x = x + a if self.residual else a
+        if self.mlp is not None:
+            m = self.mlp(self.ln_2(x))
+            x = x + m if self.residual else m
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        dropout: float = 0.0,
+        bias: bool = False,
+        attention: str = "self",
+        aggregation: str = "matmul",
+        ffn: bool = True,
+        residual: bool = True,
+        layernorm: bool = True,
+    ):
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("block_size", block_size),
+                            ("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd)):
+            if value <= 0:
+                raise GptlabError(f"model.{name} must be positive, got {value}")
+        if attention not in ("self", "average"):
+            raise GptlabError(f"model.attention must be 'self' or 'average', got {attention!r}")
+        if attention == "self" and n_embd % n_head != 0:
+            raise GptlabError(
+                f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise GptlabError(f"model.dropout must be in [0, 1), got {dropout}")
+        self.vocab_size, self.block_size = vocab_size, block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)  # token embeddings
+        self.wpe = nn.Embedding(block_size, n_embd)  # position embeddings
+        self.drop = nn.Dropout(dropout)
+        self.h = nn.ModuleList(
+            Block(n_embd, n_head, dropout, bias, attention, aggregation, ffn, residual, layernorm)
+            for _ in range(n_layer)
+        )
+        self.ln_f = nn.LayerNorm(n_embd, bias=bias) if layernorm else nn.Identity()
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled down by the depth
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+                pos_offset: int = 0) -> torch.Tensor:
+        B, T = idx.size()
+        if pos_offset + T > self.block_size:
+            raise ValueError(f"sequence of {pos_offset + T} exceeds block_size {self.block_size}")
+        pos = torch.arange(pos_offset, pos_offset + T, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.h):
+            x = block(x, None if kv_cache is None else kv_cache[i])
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, kv_cache: bool = True) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to idx (B, T).
+
+        With the KV cache, each step feeds only the newest token while the context fits in
+        `block_size`; once it slides, the positions of every token shift, so the cropped
+        context is recomputed in full, exactly as without the cache.
+        """
+        check_sampling_args(temperature, top_k)
+        cache: KVCache | None = None
+        for _ in range(max_new_tokens):
+            T = idx.size(1)
+            if kv_cache and cache is not None and T <= self.block_size:
+                logits = self(idx[:, -1:], kv_cache=cache, pos_offset=T - 1)
+            else:
+                cache = [{} for _ in self.h] if kv_cache else None
+                logits = self(idx[:, -self.block_size:], kv_cache=cache)
+            idx_next = pick_next(logits[:, -1, :], temperature, top_k)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

@@ -1,0 +1,316 @@
+"""MLflow: where runs live, what each run records, and finding runs and checkpoints again."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
+from pytorch_lightning.utilities import rank_zero_only
+
+from gptlab.errors import GptlabError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
+MAX_METRICS_PER_BATCH = 1000
+
+
+def project_root() -> Path:
+    """The checkout holding conf/ (an editable install), else the working directory."""
+    return PROJECT_ROOT if (PROJECT_ROOT / "conf").is_dir() else Path.cwd()
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """`logger.tracking_uri`, else $MLFLOW_TRACKING_URI, else the SQLite store in mlruns/."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def artifact_root(uri: str) -> str | None:
+    """For a SQLite store, artifacts go in artifacts/ beside the database file."""
+    db = sqlite_path(uri)
+    return None if db is None else (db.parent / "artifacts").as_uri()
+
+
+def connect(uri: str | None = None) -> MlflowClient:
+    """A client for the tracking store, checked once so a bad store fails before training."""
+    uri = resolve_tracking_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GptlabError(f"cannot reach the MLflow tracking store at {uri}: {first_line}"
+                          ) from None
+    return client
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = artifact_root(client.tracking_uri)
+    location = None if root is None else f"{root}/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by a parallel job
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {dotted.key: value}; lists stay whole values."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(),
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+
+
+class MLflowRunLogger(Logger):
+    """Lightning logger writing to one existing MLflow run.
+
+    Metrics are buffered and sent in batches at each validation and at the end, so a
+    training step never waits on the store.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 500):
+        super().__init__()
+        self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self._buffer: list[Metric] = []
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str:
+        return self.run_id
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> MlflowClient:
+        return self.client
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        pass  # the full resolved config is logged as params when the run starts
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if k == "epoch":
+                continue
+            self._buffer.append(Metric(k, float(v), ts, step or 0))
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            batch = self._buffer[:MAX_METRICS_PER_BATCH]
+            self.client.log_batch(self.run_id, metrics=batch)
+            del self._buffer[:MAX_METRICS_PER_BATCH]
+
+    @rank_zero_only
+    def save(self) -> None:
+        self.flush()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.flush()
+
+
+def generate_text(model: torch.nn.Module, chars: str, prompt: str, max_new_tokens: int,
+                  temperature: float, top_k: int | None, seed: int, num_samples: int = 1,
+                  device: torch.device | str = "cpu") -> list[str]:
+    """Sample from a model without touching the global random state."""
+    from gptlab.data import CharTokenizer
+
+    tok = CharTokenizer(chars)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise GptlabError("the prompt is empty")
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
+    model.train(was_training)
+    return [tok.decode(row) for row in out]
+
+
+class SampleText(pl.Callback):
+    """Logs a generated sample at every validation, so the UI shows the text improving."""
+
+    def __init__(self, client: MlflowClient | None, run_id: str | None, chars: str,
+                 prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int = 1337):
+        self.client, self.run_id, self.chars = client, run_id, chars
+        self.prompt = prompt if all(ch in chars for ch in prompt) and prompt else chars[0]
+        self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       seed=seed)
+
+    def sample(self, pl_module: pl.LightningModule, max_new_tokens: int | None = None) -> str:
+        kw = dict(self.kw)
+        if max_new_tokens is not None:
+            kw["max_new_tokens"] = max_new_tokens
+        return generate_text(pl_module.model, self.chars, self.prompt, device=pl_module.device,
+                             **kw)[0]
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.client is None:
+            return
+        text = self.sample(pl_module)
+        self.client.log_text(self.run_id, text, f"samples/step_{trainer.global_step:06d}.txt")
+
+
+def save_checkpoint_atomic(trainer: pl.Trainer, path: Path) -> None:
+    """Write to a temporary name and rename, so the file at `path` is always complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainer.save_checkpoint(tmp)
+    os.replace(tmp, path)
+
+
+class CheckpointToRun(pl.Callback):
+    """Saves last.ckpt (and best.ckpt by val/loss) at each validation and at the end, and
+    logs both to the run's artifacts under checkpoints/."""
+
+    def __init__(self, dirpath: Path, client: MlflowClient | None, run_id: str | None):
+        self.dirpath, self.client, self.run_id = Path(dirpath), client, run_id
+        self.best: float | None = None
+
+    def _log(self, path: Path) -> None:
+        if self.client is not None:
+            self.client.log_artifact(self.run_id, str(path), "checkpoints")
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        last = self.dirpath / "last.ckpt"
+        val = trainer.callback_metrics.get("val/loss")
+        improved = val is not None and (self.best is None or float(val) < self.best)
+        if improved:
+            self.best = float(val)
+        save_checkpoint_atomic(trainer, last)
+        self._log(last)
+        if improved:
+            best = self.dirpath / "best.ckpt"
+            shutil.copyfile(last, best)
+            self._log(best)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+
+
+def find_run(client: MlflowClient, run_id: str, experiment_name: str):
+    """A run by id, or `latest`: the newest finished run of the experiment."""
+    if run_id == "latest":
+        exp = client.get_experiment_by_name(experiment_name)
+        if exp is None:
+            raise GptlabError(f"no MLflow experiment named {experiment_name!r}")
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise GptlabError(f"experiment {experiment_name!r} has no finished run")
+        return runs[0]
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise GptlabError(f"no MLflow run with id {run_id!r} in {client.tracking_uri}") from None
+
+
+def download_checkpoint(client: MlflowClient, run_id: str, name: str = "best.ckpt") -> Path:
+    """Fetch a checkpoint artifact of a run (through the artifact API, so a server works too)."""
+    names = {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
+    if not names:
+        raise GptlabError(f"run {run_id} has no checkpoint")
+    if name not in names:
+        name = "last.ckpt" if "last.ckpt" in names else sorted(names)[-1]
+    dst = Path(tempfile.mkdtemp(prefix="gptlab-ckpt-"))
+    return Path(client.download_artifacts(run_id, f"checkpoints/{name}", str(dst)))
+
+
+def log_dict_artifact(client: MlflowClient, run_id: str, obj: Any, path: str) -> None:
+    client.log_text(run_id, json.dumps(obj, indent=2, ensure_ascii=False), path)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely: tensors and plain values only, never pickled code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise GptlabError(f"checkpoint file not found: {path}") from None
+    except Exception as e:  # noqa: BLE001 - truncated, corrupted or unsafe files all land here
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GptlabError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    if not isinstance(ckpt, dict) or "gptlab" not in ckpt or "state_dict" not in ckpt:
+        raise GptlabError(f"{path} is not a gptlab checkpoint")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
+    from gptlab.models import build_model
+
+    info = ckpt["gptlab"]
+    model = build_model(info["model_class"], info["model_kwargs"])
+    # the LightningModule holds the model as `model`, so its keys carry that prefix
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise GptlabError(f"checkpoint weights do not match its model config: "
+                          f"{str(e).splitlines()[0]}") from None
+    return model
