@@ -105,7 +105,9 @@ def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise GptlabError(f"corpus is not UTF-8 text: {path} ({e.reason} at byte {e.start})") from None
+        raise GptlabError(
+            f"corpus is not UTF-8 text: {path} ({e.reason} at byte {e.start})"
+        ) from None
 
 
 def get_batch(

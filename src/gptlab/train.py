@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from pathlib import Path
@@ -15,17 +16,24 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab import tracking
+from gptlab import callbacks, tracking
 from gptlab.data import CharDataModule
-from gptlab.errors import GptlabError
+from gptlab.errors import GptlabError, report_errors
 from gptlab.lit_module import LitLM
 from gptlab.models import class_path
 
-CONF_DIR = str(tracking.project_root() / "conf")
+
+class _DropTips(logging.Filter):
+    """Lightning advertises hosted services at every start; that is not for our users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
 # overrides that say where things live rather than what is trained: not part of a run name
 _UNNAMED = ("hydra.", "logger.", "data.path", "trainer.enable_progress_bar", "resume")
 
@@ -110,9 +118,9 @@ def train(cfg: DictConfig) -> float:
         run_id = start_run(cfg, client, info, n_params, dm.vocab_size)
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    sampler = tracking.SampleText(client, run_id, dm.tokenizer.chars, **cfg.callbacks.sample)
-    checkpoints = tracking.CheckpointToRun(out_dir / "checkpoints", client, run_id)
-    logger = tracking.MLflowRunLogger(client, run_id) if client is not None else False
+    sampler = callbacks.SampleText(client, run_id, dm.tokenizer.chars, **cfg.callbacks.sample)
+    checkpoints = callbacks.CheckpointToRun(out_dir / "checkpoints", client, run_id)
+    logger = callbacks.MLflowRunLogger(client, run_id) if client is not None else False
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=logger, callbacks=[sampler, checkpoints]
     )
@@ -146,22 +154,7 @@ def train(cfg: DictConfig) -> float:
     return best
 
 
-def report_errors(fn):
-    """Bad input ends in one line on stderr and exit code 2, not a traceback."""
-
-    def wrapped(cfg: DictConfig) -> Any:
-        try:
-            return fn(cfg)
-        except GptlabError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    wrapped.__name__ = fn.__name__
-    wrapped.__doc__ = fn.__doc__
-    return wrapped
-
-
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+@hydra.main(config_path=tracking.CONF_DIR, config_name="train", version_base="1.3")
 @report_errors
 def main(cfg: DictConfig) -> float:
     return train(cfg)
