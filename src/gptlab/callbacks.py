@@ -24,13 +24,16 @@ class MLflowRunLogger(Logger):
     """Lightning logger writing to one existing MLflow run.
 
     Metrics are buffered and sent in batches at each validation and at the end, so a
-    training step never waits on the store.
+    training step never waits on the store. Every metric is recorded at the trainer's
+    global step, the number of optimizer updates made so far, whether it comes from
+    training or validation (Lightning's own step count lags by one).
     """
 
     def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 500):
         super().__init__()
         self.client, self.run_id, self.flush_every = client, run_id, flush_every
         self._buffer: list[Metric] = []
+        self.trainer: pl.Trainer | None = None  # set by the caller once the trainer exists
 
     @property
     def name(self) -> str:
@@ -52,6 +55,8 @@ class MLflowRunLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         ts = int(time.time() * 1000)
+        if self.trainer is not None:
+            step = self.trainer.global_step
         for k, v in metrics.items():
             if k == "epoch":
                 continue

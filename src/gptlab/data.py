@@ -137,7 +137,9 @@ class RandomBlocks(IterableDataset):
         g = torch.Generator()
         k = self.start
         while True:
-            g.manual_seed((self.seed << 32) + k)
+            # torch seeds its generator from 32 bits; a large odd multiplier keeps the
+            # streams of nearby seeds apart for the first million steps
+            g.manual_seed((self.seed * 1_000_003 + k) & 0xFFFF_FFFF)
             yield get_batch(self.data, self.block_size, self.batch_size, g)
             k += 1
 

@@ -64,6 +64,7 @@ class LitLM(pl.LightningModule):
         self._val_losses: list[torch.Tensor] = []
         self._last_time: float | None = None
         self._tokens_since = 0
+        self._val_started = 0.0
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -86,7 +87,7 @@ class LitLM(pl.LightningModule):
         if step % self.trainer.log_every_n_steps:
             return
         now = time.perf_counter()
-        if self._last_time is not None:
+        if self._last_time is not None and now > self._last_time:
             self.log("tokens_per_sec", self._tokens_since / (now - self._last_time))
         self._last_time, self._tokens_since = now, 0
         self.log("lr", self.optimizers().param_groups[0]["lr"])
@@ -100,8 +101,14 @@ class LitLM(pl.LightningModule):
         self._val_losses.clear()
         self.log("val/loss", val_loss, prog_bar=True)
         self.log("val/bpc", val_loss / math.log(2))
-        # the validation pause is not training time
-        self._last_time, self._tokens_since = None, 0
+
+    def on_validation_start(self) -> None:
+        self._val_started = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        # validation is not training time: move the throughput clock forward past it
+        if self._last_time is not None:
+            self._last_time += time.perf_counter() - self._val_started
 
     def configure_optimizers(self) -> dict:
         # weight decay on matrices (linear and embedding weights) only, as in GPT-2

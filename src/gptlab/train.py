@@ -124,6 +124,8 @@ def train(cfg: DictConfig) -> float:
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=logger, callbacks=[sampler, checkpoints]
     )
+    if logger:
+        logger.trainer = trainer
     print(f"gptlab: {info['model_class'].rsplit('.', 1)[-1]} with {n_params:,} parameters, "
           f"vocabulary of {dm.vocab_size}, {len(dm.train_data):,} train / "
           f"{len(dm.val_data):,} val tokens" + (f", MLflow run {run_id}" if run_id else ""))

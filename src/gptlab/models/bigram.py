@@ -13,6 +13,8 @@ class BigramLanguageModel(nn.Module):
         super().__init__()
         self.vocab_size, self.block_size = vocab_size, block_size
         self.token_embedding_table = nn.Embedding(vocab_size, vocab_size)
+        # small logits at init: the untrained model predicts nearly uniformly, loss ~ ln(V)
+        nn.init.normal_(self.token_embedding_table.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.token_embedding_table(idx)  # (B, T, V)

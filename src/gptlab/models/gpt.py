@@ -155,6 +155,8 @@ class GPT(nn.Module):
         )
         self.ln_f = nn.LayerNorm(n_embd, bias=bias) if layernorm else nn.Identity()
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        # weight tying (as in GPT-2): the head reads out in the space the tokens embed into
+        self.wte.weight = self.lm_head.weight
         # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled down by the depth
         self.apply(self._init_weights)
         for name, p in self.named_parameters():

@@ -1,0 +1,45 @@
+# Two commands do all the set-up:  `make train`  and  `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build
+TORCH_SPEC ?= torch==2.13.0
+# the corpus beside the checkout, where there is one (offline machines, CI); else downloaded
+SHARED_CORPUS := $(abspath ../shared/data/tinyshakespeare/input.txt)
+ifeq ($(origin GPTLAB_DATA), undefined)
+ifneq ($(wildcard $(SHARED_CORPUS)),)
+export GPTLAB_DATA := $(SHARED_CORPUS)
+endif
+endif
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install train test lint ui bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+## train the default model (nanoGPT's CPU recipe), print a sample and the MLflow run id
+train: install
+	$(BIN)/gptlab-train $(ARGS)
+
+## the test suite
+test: install
+	$(BIN)/ruff check src tests experiments
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests experiments
+
+## the MLflow UI over mlruns/, on http://127.0.0.1:5000
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,188 @@
+"""Training throughput of gptlab's path (Lightning + MLflow) against a plain PyTorch loop over
+the same model, batches and optimizer; the cost of MLflow logging; generation speed with and
+without the KV cache; peak memory. Prints a table and writes it as JSON.
+
+    python experiments/benchmarks/bench.py                  # full run (~10 min on 2 cores)
+    python experiments/benchmarks/bench.py --smoke          # a few steps, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from gptlab import tracking
+from gptlab.train import build, train
+
+RECIPES = {
+    # name: (overrides, steps on CPU)
+    "bigram": (["experiment=bigram"], 400),
+    "shakespeare_char_cpu": (["experiment=shakespeare_char_cpu"], 200),
+    "shakespeare_char": (["experiment=shakespeare_char"], 30),
+}
+WARMUP = 10  # steps left out of every timing
+
+
+class StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter())
+
+
+_timer = StepTimer()
+
+
+def timed_trainer(**kwargs) -> pl.Trainer:
+    """Stands in for pytorch_lightning.Trainer in the config, adding the step timer."""
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), _timer]
+    return pl.Trainer(**kwargs)
+
+
+def step_ms(times: list[float]) -> float:
+    deltas = [b - a for a, b in zip(times[WARMUP:], times[WARMUP + 1:], strict=False)]
+    return 1000 * statistics.median(deltas)
+
+
+def compose_cfg(overrides: list[str], store: Path, out_dir: Path):
+    with initialize_config_dir(config_dir=tracking.CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.hydra.job.name = "bench"
+        cfg.logger.tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
+        cfg.logger.experiment_name = "benchmarks"
+    return cfg
+
+
+def gptlab_step_ms(overrides: list[str], steps: int, logger: bool, tmp: Path) -> float:
+    over = [*overrides, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+            "trainer._target_=__main__.timed_trainer", "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false", "callbacks.final_sample_tokens=1",
+            "callbacks.sample.max_new_tokens=1", f"logger={'mlflow' if logger else 'none'}"]
+    cfg = compose_cfg(over, tmp / "mlruns", tmp / "out")
+    HydraConfig.instance().set_config(cfg)
+    _timer.times.clear()
+    train(cfg)
+    return step_ms(_timer.times)
+
+
+def plain_step_ms(overrides: list[str], steps: int, tmp: Path, device: str) -> float:
+    """The bare loop: same data module, model init, optimizer groups, schedule, clipping."""
+    cfg = compose_cfg(overrides, tmp / "mlruns", tmp / "out")
+    pl.seed_everything(cfg.seed, verbose=False)
+    dm, lit, _ = build(cfg)
+    model = lit.model.to(device)
+    opt_cfg = lit.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    batches = iter(dm.train_dataloader())
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    times = []
+    for _ in range(steps):
+        x, y = (t.to(device, non_blocking=True) for t in next(batches))
+        with autocast:
+            logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
+        opt.step()
+        sched.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    return step_ms(times)
+
+
+def generation_tok_s(kv_cache: bool, new_tokens: int, device: str) -> float:
+    from gptlab.models.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384).to(device).eval()
+    idx = torch.zeros(1, 1, dtype=torch.long, device=device)
+    start = time.perf_counter()
+    model.generate(idx, new_tokens, kv_cache=kv_cache)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="a few steps only (for tests)")
+    ap.add_argument("--out", default="experiments/benchmarks/results.json")
+    ap.add_argument("--recipes", nargs="*", default=None, help="subset of " + ", ".join(RECIPES))
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = args.recipes or [r for r in RECIPES if device == "cuda" or r != "shakespeare_char"]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for name in names:
+            overrides, steps = RECIPES[name]
+            if device == "cpu":
+                overrides = [*overrides, "trainer=cpu"]
+            steps = WARMUP + 5 if args.smoke else steps
+            plain = plain_step_ms(overrides, steps, tmp, device)
+            with_mlflow = gptlab_step_ms(overrides, steps, True, tmp)
+            without = gptlab_step_ms(overrides, steps, False, tmp)
+            cfg = compose_cfg(overrides, tmp, tmp)
+            tokens = cfg.data.batch_size * cfg.data.block_size
+            rows.append({
+                "recipe": name, "steps": steps,
+                "plain_ms": round(plain, 2), "gptlab_ms": round(with_mlflow, 2),
+                "gptlab_no_mlflow_ms": round(without, 2),
+                "plain_tok_s": round(1000 * tokens / plain),
+                "gptlab_tok_s": round(1000 * tokens / with_mlflow),
+                "overhead_pct": round(100 * (with_mlflow / plain - 1), 1),
+                "mlflow_cost_pct": round(100 * (with_mlflow / without - 1), 1),
+            })
+    new_tokens = 20 if args.smoke else 500
+    gen = {"new_tokens": new_tokens,
+           "kv_cache_tok_s": round(generation_tok_s(True, new_tokens, device), 1),
+           "no_cache_tok_s": round(generation_tok_s(False, new_tokens, device), 1)}
+    gen["speedup"] = round(gen["kv_cache_tok_s"] / gen["no_cache_tok_s"], 2)
+    result = {
+        "machine": {"device": torch.cuda.get_device_name() if device == "cuda" else
+                    f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "training": rows, "generation": gen,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    if device == "cuda":
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    print_table(result)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {args.out}")
+    return result
+
+
+def print_table(result: dict) -> None:
+    cols = ["recipe", "plain_ms", "gptlab_ms", "gptlab_no_mlflow_ms", "overhead_pct",
+            "mlflow_cost_pct", "gptlab_tok_s"]
+    print(" | ".join(cols))
+    for row in result["training"]:
+        print(" | ".join(str(row[c]) for c in cols))
+    g = result["generation"]
+    print(f"generation ({g['new_tokens']} tokens, 10.7M-param GPT, block 256): "
+          f"{g['kv_cache_tok_s']} tok/s with KV cache, {g['no_cache_tok_s']} without "
+          f"({g['speedup']}x)")
+    print(f"peak RSS {result['peak_rss_mb']} MB  on {result['machine']['device']}")
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

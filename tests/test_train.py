@@ -1,0 +1,132 @@
+"""The real entry points, end to end, on a tiny GPT and a temporary MLflow store."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY_GPT, run_cli, store_uri
+from gptlab import sample as sample_cli
+from gptlab import train as train_cli
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_corpus):
+    """One tiny training run through `gptlab-train`; returns (tmp dir, run id, stdout)."""
+    tmp = tmp_path_factory.mktemp("train")
+    res = run_cli("gptlab-train", [*TINY_GPT, "logger.experiment_name=e2e"], tmp, small_corpus)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_id = res.stdout.split("MLflow run id: ")[1].split()[0]
+    return tmp, run_id, res.stdout
+
+
+def test_run_records_params_metrics_samples_checkpoints(trained, small_corpus):
+    tmp, run_id, stdout = trained
+    vocab_size = len(set(small_corpus.read_text(encoding="utf-8")))
+    client = MlflowClient(store_uri(tmp))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["model.n_layer"] == "1" and p["data.block_size"] == "16"
+    assert p["optim.lr"] == "0.001" and p["vocab_size"] == str(vocab_size)
+    assert int(p["n_params"]) > 0
+    assert run.data.tags["gptlab.model_class"] == "gptlab.models.gpt.GPT"
+    assert "mlflow.source.git.commit" in run.data.tags
+    train_steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    val = client.get_metric_history(run_id, "val/loss")
+    assert [m.step for m in val] == [10, 20]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 20
+    for key in ("val/bpc", "lr", "tokens", "tokens_per_sec"):
+        assert client.get_metric_history(run_id, key), key
+    artifacts = {f.path for f in client.list_artifacts(run_id)}
+    assert {"config.yaml", "vocab.json", "samples", "checkpoints"} <= artifacts
+    samples = {Path(f.path).name for f in client.list_artifacts(run_id, "samples")}
+    assert {"step_000010.txt", "step_000020.txt", "final.txt"} <= samples
+    ckpts = {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
+    assert ckpts == {"best.ckpt", "last.ckpt"}
+    # the run ends by printing the sample it logged
+    final = Path(client.download_artifacts(run_id, "samples/final.txt", str(tmp)))
+    assert final.read_text() in stdout
+
+
+def test_checkpoint_is_self_describing_and_safe_to_load(trained, small_corpus):
+    tmp, run_id, _ = trained
+    client = MlflowClient(store_uri(tmp))
+    path = client.download_artifacts(run_id, "checkpoints/last.ckpt", str(tmp))
+    ckpt = torch.load(path, weights_only=True)
+    info = ckpt["gptlab"]
+    assert info["model_class"] == "gptlab.models.gpt.GPT"
+    assert info["vocab"] == "".join(sorted(set(small_corpus.read_text(encoding="utf-8"))))
+    assert info["model_kwargs"]["vocab_size"] == len(info["vocab"])
+    assert info["step"] == 20
+
+
+def test_sample_from_run(trained, small_corpus):
+    tmp, run_id, _ = trained
+    args = [f"run_id={run_id}", "prompt=ROMEO:", "max_new_tokens=50", "num_samples=2",
+            "seed=1", "top_k=10", "temperature=0.8"]
+    res = run_cli("gptlab-sample", args, tmp, small_corpus)
+    assert res.returncode == 0, res.stderr
+    texts = [t for t in res.stdout.split("\n--- sample ") if t]
+    assert len(texts) == 2 and all("ROMEO:" in t for t in texts)
+    again = run_cli("gptlab-sample", args, tmp, small_corpus)
+    assert again.stdout == res.stdout  # same seed, same text
+    latest = run_cli("gptlab-sample", ["run_id=latest", "logger.experiment_name=e2e",
+                                       "max_new_tokens=5"], tmp, small_corpus)
+    assert latest.returncode == 0 and len(latest.stdout) >= 5
+
+
+def one_line_error(code: int, err: str, *words: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model.n_embd=30", "model.n_head=4"], ["n_embd", "divisible"]),
+    (["data.block_size=0"], ["block_size"]),
+    (["data.batch_size=-2"], ["batch_size"]),
+    (["trainer.max_steps=0"], ["max_steps"]),
+    (["data.path=/no/such/corpus.txt"], ["/no/such/corpus.txt"]),
+    (["data.block_size=100000"], ["fewer than data.block_size"]),
+])
+def test_bad_training_input(in_process, capsys, tmp_path, overrides, words):
+    code, _, err = in_process(train_cli.main, [*TINY_GPT, *overrides], capsys)
+    one_line_error(code, err, *words)
+    # nothing was recorded: a bad command never adds a run
+    db = tmp_path / "mlruns" / "mlflow.db"
+    if db.exists():
+        assert not MlflowClient(store_uri(tmp_path)).search_runs(
+            [e.experiment_id for e in MlflowClient(store_uri(tmp_path)).search_experiments()])
+
+
+def test_empty_corpus(in_process, capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, _, err = in_process(train_cli.main, [*TINY_GPT, f"data.path={empty}"], capsys)
+    one_line_error(code, err, "empty")
+
+
+def test_bad_sampling_input(in_process, capsys, trained, monkeypatch):
+    tmp, run_id, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(tmp))
+    client = MlflowClient(store_uri(tmp))
+    bare = client.create_run(client.get_experiment_by_name("e2e").experiment_id).info.run_id
+    before = len(client.search_runs([client.get_experiment_by_name("e2e").experiment_id]))
+    cases = [
+        ([f"run_id={run_id}", "prompt=ROMEO€"], ["€"]),
+        ([f"run_id={run_id}", "temperature=0"], ["temperature"]),
+        (["run_id=0123456789abcdef"], ["0123456789abcdef"]),
+        ([f"run_id={bare}"], ["no checkpoint"]),
+        (["checkpoint=/no/such.ckpt"], ["not found"]),
+    ]
+    for args, words in cases:
+        # in_process points the store at its own tmp dir: point it back at the trained one
+        code, _, err = in_process(sample_cli.main,
+                                  [*args, f"logger.tracking_uri={store_uri(tmp)}"], capsys)
+        one_line_error(code, err, *words)
+    assert len(client.search_runs([client.get_experiment_by_name("e2e").experiment_id])) == before
