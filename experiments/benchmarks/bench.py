@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
            "kv_cache_tok_s": round(generation_tok_s(True, new_tokens, device), 1),
            "no_cache_tok_s": round(generation_tok_s(False, new_tokens, device), 1)}
     gen["speedup"] = round(gen["kv_cache_tok_s"] / gen["no_cache_tok_s"], 2)
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     result = {
-        "machine": {"device": torch.cuda.get_device_name() if device == "cuda" else
-                    f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": {"device": torch.cuda.get_device_name() if device == "cuda" else cpu,
                     "torch": torch.__version__, "python": platform.python_version()},
         "training": rows, "generation": gen,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
