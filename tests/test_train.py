@@ -44,7 +44,7 @@ def test_run_records_params_metrics_samples_checkpoints(trained, small_corpus):
     samples = {Path(f.path).name for f in client.list_artifacts(run_id, "samples")}
     assert {"step_000010.txt", "step_000020.txt", "final.txt"} <= samples
     ckpts = {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
-    assert ckpts == {"best.ckpt", "last.ckpt"}
+    assert ckpts == {"best.ckpt", "step_000010.ckpt", "step_000020.ckpt"}
     # the run ends by printing the sample it logged
     final = Path(client.download_artifacts(run_id, "samples/final.txt", str(tmp)))
     assert final.read_text() in stdout
@@ -53,7 +53,7 @@ def test_run_records_params_metrics_samples_checkpoints(trained, small_corpus):
 def test_checkpoint_is_self_describing_and_safe_to_load(trained, small_corpus):
     tmp, run_id, _ = trained
     client = MlflowClient(store_uri(tmp))
-    path = client.download_artifacts(run_id, "checkpoints/last.ckpt", str(tmp))
+    path = client.download_artifacts(run_id, "checkpoints/step_000020.ckpt", str(tmp))
     ckpt = torch.load(path, weights_only=True)
     info = ckpt["gptlab"]
     assert info["model_class"] == "gptlab.models.gpt.GPT"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from mlflow.entities import Metric
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
@@ -29,10 +33,14 @@ class MLflowRunLogger(Logger):
     training or validation (Lightning's own step count lags by one).
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 500):
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 500,
+                 recorded: Mapping[str, int] | None = None):
         super().__init__()
         self.client, self.run_id, self.flush_every = client, run_id, flush_every
         self._buffer: list[Metric] = []
+        # on resume: the last step already recorded per metric, so a step computed again
+        # after restarting from an older checkpoint is not recorded twice
+        self.recorded = dict(recorded or {})
         self.trainer: pl.Trainer | None = None  # set by the caller once the trainer exists
 
     @property
@@ -57,10 +65,11 @@ class MLflowRunLogger(Logger):
         ts = int(time.time() * 1000)
         if self.trainer is not None:
             step = self.trainer.global_step
+        step = step or 0
         for k, v in metrics.items():
-            if k == "epoch":
+            if k == "epoch" or step <= self.recorded.get(k, -1):
                 continue
-            self._buffer.append(Metric(k, float(v), ts, step or 0))
+            self._buffer.append(Metric(k, float(v), ts, step))
         if len(self._buffer) >= self.flush_every:
             self.flush()
 
@@ -113,33 +122,103 @@ def save_checkpoint_atomic(trainer: pl.Trainer, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class CheckpointToRun(pl.Callback):
-    """Saves last.ckpt (and best.ckpt by val/loss) at each validation and at the end, and
-    logs both to the run's artifacts under checkpoints/."""
+def step_checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}.ckpt"
 
-    def __init__(self, dirpath: Path, client: MlflowClient | None, run_id: str | None):
+
+class CheckpointToRun(pl.Callback):
+    """Checkpoints at each validation, every `every_n_steps` steps, and when SIGINT or SIGTERM
+    asks training to stop; then training stops at that step.
+
+    Each checkpoint is written atomically as `step_NNNNNN.ckpt` and logged to the run under
+    checkpoints/, where the newest `keep` are kept (an older one survives a kill in the middle
+    of logging the newest), plus `best.ckpt` by val/loss. Buffered metrics are flushed first,
+    so the run's records never lag behind its newest checkpoint.
+    """
+
+    def __init__(self, dirpath: Path, client: MlflowClient | None, run_id: str | None,
+                 logger: MLflowRunLogger | None = None, every_n_steps: int | None = None,
+                 keep: int = 2):
         self.dirpath, self.client, self.run_id = Path(dirpath), client, run_id
+        self.logger, self.every_n_steps, self.keep = logger, every_n_steps, keep
         self.best: float | None = None
+        self.stop_signal: int | None = None
+        self._saved_step: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    # -- stop signals ------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is not None:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        print(f"\ngptlab: {signal.Signals(signum).name} received, checkpointing and stopping "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # installed here, after Lightning's own SIGTERM handler, so ours decides what happens
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+
+    # -- saving ------------------------------------------------------------------------------
+    def save(self, trainer: pl.Trainer, val_loss: float | None = None) -> None:
+        step = trainer.global_step
+        improved = val_loss is not None and (self.best is None or val_loss < self.best)
+        if improved:
+            self.best = val_loss
+        if self._saved_step == step and not improved:
+            return
+        if self.logger is not None:
+            self.logger.flush()
+        path = self.dirpath / step_checkpoint_name(step)
+        save_checkpoint_atomic(trainer, path)
+        self._saved_step = step
+        self._log(path)
+        if improved:
+            best = self.dirpath / "best.ckpt"
+            tmp = best.with_name(".best.ckpt.tmp")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, best)
+            self._log(best)
+        self._prune()
 
     def _log(self, path: Path) -> None:
         if self.client is not None:
             self.client.log_artifact(self.run_id, str(path), "checkpoints")
 
+    def _prune(self) -> None:
+        old = sorted(self.dirpath.glob("step_*.ckpt"))[:-self.keep]
+        for p in old:
+            p.unlink(missing_ok=True)
+        if self.client is not None:
+            repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
+            logged = sorted(Path(f.path).name for f in self.client.list_artifacts(
+                self.run_id, "checkpoints") if Path(f.path).name.startswith("step_"))
+            for name in logged[:-self.keep]:
+                repo.delete_artifacts(f"checkpoints/{name}")
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.stop_signal is not None:
+            self.save(trainer)
+            trainer.should_stop = True
+        elif (self.every_n_steps and step % self.every_n_steps == 0
+              and step % trainer.val_check_batch != 0):  # a validation step saves after val
+            self.save(trainer)
+
     @rank_zero_only
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        last = self.dirpath / "last.ckpt"
         val = trainer.callback_metrics.get("val/loss")
-        improved = val is not None and (self.best is None or float(val) < self.best)
-        if improved:
-            self.best = float(val)
-        save_checkpoint_atomic(trainer, last)
-        self._log(last)
-        if improved:
-            best = self.dirpath / "best.ckpt"
-            shutil.copyfile(last, best)
-            self._log(best)
+        self.save(trainer, None if val is None else float(val))
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}

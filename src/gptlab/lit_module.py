@@ -4,6 +4,7 @@ around any plain `nn.Module` language model."""
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Any
 
@@ -125,3 +126,21 @@ class LitLM(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gptlab"] = {**self.checkpoint_info, "step": self.global_step}
+        # dropout draws from the global generators: a resumed run must continue their streams
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(_as_random_state(rng["python"]))
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _as_random_state(state: Any) -> tuple:
+    """random.getstate() is nested tuples; a checkpoint may give them back as lists."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

@@ -146,15 +146,52 @@ def find_run(client: MlflowClient, run_id: str, experiment_name: str):
         raise GptlabError(f"no MLflow run with id {run_id!r} in {client.tracking_uri}") from None
 
 
+def scratch_dir() -> str:
+    return tempfile.mkdtemp(prefix="gptlab-")
+
+
+def _checkpoint_names(client: MlflowClient, run_id: str) -> list[str]:
+    try:
+        return [Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")]
+    except Exception:  # noqa: BLE001 - an unreadable artifact store holds no checkpoint for us
+        return []
+
+
 def download_checkpoint(client: MlflowClient, run_id: str, name: str = "best.ckpt") -> Path:
-    """Fetch a checkpoint artifact of a run (through the artifact API, so a server works too)."""
-    names = {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
+    """Fetch a checkpoint artifact of a run (through the artifact API, so a server works too):
+    `name` if the run has it, else its newest."""
+    names = _checkpoint_names(client, run_id)
     if not names:
         raise GptlabError(f"run {run_id} has no checkpoint")
     if name not in names:
-        name = "last.ckpt" if "last.ckpt" in names else sorted(names)[-1]
-    dst = Path(tempfile.mkdtemp(prefix="gptlab-ckpt-"))
-    return Path(client.download_artifacts(run_id, f"checkpoints/{name}", str(dst)))
+        steps = sorted(n for n in names if n.startswith("step_"))
+        name = steps[-1] if steps else sorted(names)[-1]
+    return Path(client.download_artifacts(run_id, f"checkpoints/{name}", scratch_dir()))
+
+
+def newest_checkpoint(client: MlflowClient, run_id: str) -> tuple[Path, dict[str, Any]]:
+    """The run's newest readable step checkpoint: one cut short by a kill while it was being
+    logged is passed over for the one before it."""
+    steps = sorted((n for n in _checkpoint_names(client, run_id) if n.startswith("step_")),
+                   reverse=True)
+    if not steps:
+        raise GptlabError(f"run {run_id} has no checkpoint to resume from")
+    errors = []
+    for name in steps:
+        path = Path(client.download_artifacts(run_id, f"checkpoints/{name}", scratch_dir()))
+        try:
+            return path, read_checkpoint(path)
+        except GptlabError as e:
+            errors.append(str(e))
+    raise GptlabError(errors[0] if len(errors) == 1 else
+                      f"none of the run's {len(errors)} checkpoints is readable: {errors[0]}")
+
+
+def last_recorded_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The highest step recorded for each metric of a run."""
+    run = client.get_run(run_id)
+    return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+            for key in run.data.metrics}
 
 
 def log_dict_artifact(client: MlflowClient, run_id: str, obj: Any, path: str) -> None:

@@ -3,6 +3,7 @@
     gptlab-train                                   # nanoGPT's CPU recipe, a few minutes
     gptlab-train model=bigram                      # any config group choice
     gptlab-train experiment=shakespeare_char_cpu optim.lr=3e-3
+    gptlab-train resume=<run_id> trainer.max_steps=4000   # continue a logged run
     gptlab-train -m model=bigram,gpt optim.lr=1e-3,3e-3   # a sweep
 """
 
@@ -11,12 +12,14 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab import callbacks, tracking
@@ -34,24 +37,33 @@ class _DropTips(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
+
 # overrides that say where things live rather than what is trained: not part of a run name
 _UNNAMED = ("hydra.", "logger.", "data.path", "trainer.enable_progress_bar", "resume")
+# what may change when a run is resumed: how long and how often, never what is trained
+RESUME_SAFE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
+               "trainer.enable_progress_bar", "trainer.enable_model_summary",
+               "trainer.accelerator", "trainer.devices", "checkpoint.", "callbacks.", "logger.")
+
+
+def task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task)
 
 
 def run_name(cfg: DictConfig) -> str:
     """What the command line changed, e.g. `bigram lr=3e-3`, else the experiment or model."""
     if cfg.logger.get("run_name"):
         return str(cfg.logger.run_name)
-    hc = HydraConfig.get()
     parts = []
-    for override in hc.overrides.task:
+    for override in task_overrides():
         key, _, value = override.lstrip("+~").partition("=")
         if key.startswith(_UNNAMED):
             continue
         parts.append(value if "." not in key else f"{key.rsplit('.', 1)[-1]}={value}")
     if parts:
         return " ".join(parts)
-    return hc.runtime.choices.get("experiment") or hc.runtime.choices.get("model") or "run"
+    choices = HydraConfig.get().runtime.choices
+    return choices.get("experiment") or choices.get("model") or "run"
 
 
 def build(cfg: DictConfig) -> tuple[CharDataModule, LitLM, dict[str, Any]]:
@@ -82,7 +94,84 @@ def check_trainer_cfg(cfg: DictConfig) -> None:
             raise GptlabError(f"trainer.{key} must be positive, got {value}")
 
 
-def start_run(cfg: DictConfig, client, info: dict[str, Any], n_params: int,
+@dataclass
+class Resume:
+    """A logged run to continue: its id, the checkpoint to start from, what was changed."""
+
+    run_id: str
+    ckpt_path: Path
+    step: int
+    changed: list[str] = field(default_factory=list)
+
+
+def find_resumable_run(client: MlflowClient, resume: str, experiment_name: str):
+    if resume != "latest":
+        return tracking.find_run(client, resume, experiment_name)
+    exp = client.get_experiment_by_name(experiment_name)
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], "attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise GptlabError(f"experiment {experiment_name!r} has no unfinished run to resume")
+    return runs[0]
+
+
+def resumed_config(cfg: DictConfig, logged: DictConfig, run_id: str) -> tuple[DictConfig,
+                                                                                list[str]]:
+    """The run's logged config with this command's overrides applied, where they are safe."""
+    changed, refused = [], []
+    for override in task_overrides():
+        key = override.lstrip("+~").partition("=")[0]
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        new, old = OmegaConf.select(cfg, key), OmegaConf.select(logged, key)
+        if OmegaConf.is_config(new):
+            new = OmegaConf.to_container(new, resolve=True)
+        if OmegaConf.is_config(old):
+            old = OmegaConf.to_container(old, resolve=True)
+        if key != "experiment" and new == old:
+            continue
+        if key.startswith(RESUME_SAFE):
+            OmegaConf.update(logged, key, new, force_add=True)
+            changed.append(override)
+        else:
+            refused.append(key)
+    if refused:
+        raise GptlabError(
+            f"cannot change {', '.join(refused)} when resuming run {run_id}: the checkpoint was "
+            f"trained with the logged values (only {', '.join(RESUME_SAFE)} may change)"
+        )
+    logged.resume = cfg.resume
+    return logged, changed
+
+
+def prepare_resume(cfg: DictConfig, client: MlflowClient) -> tuple[DictConfig, Resume]:
+    run = find_resumable_run(client, str(cfg.resume), cfg.logger.experiment_name)
+    run_id = run.info.run_id
+    try:
+        text = Path(client.download_artifacts(run_id, "config.yaml",
+                                              tracking.scratch_dir())).read_text()
+    except Exception:  # noqa: BLE001 - a run without its config cannot be resumed
+        raise GptlabError(f"run {run_id} has no logged config.yaml: not a gptlab run") from None
+    new_cfg, changed = resumed_config(cfg, OmegaConf.create(text), run_id)
+    ckpt_path, ckpt = tracking.newest_checkpoint(client, run_id)
+    return new_cfg, Resume(run_id, ckpt_path, ckpt["gptlab"]["step"], changed), ckpt
+
+
+def check_checkpoint_matches(ckpt: dict, lit: LitLM, info: dict[str, Any]) -> None:
+    """A checkpoint from another corpus or model shape would fail deep inside Lightning."""
+    logged = ckpt["gptlab"]
+    if logged.get("vocab") != info["vocab"]:
+        raise GptlabError("the checkpoint's vocabulary does not match the run's corpus")
+    expected = {f"model.{k}": tuple(v.shape) for k, v in lit.model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+    if expected != found:
+        diff = sorted(set(expected.items()) ^ set(found.items()))
+        raise GptlabError(f"the checkpoint's weights do not match the logged model config "
+                          f"(first difference: {diff[0][0]})")
+
+
+def start_run(cfg: DictConfig, client: MlflowClient, info: dict[str, Any], n_params: int,
               vocab_size: int) -> str:
     experiment_id = tracking.get_or_create_experiment(client, cfg.logger.experiment_name)
     tags = {
@@ -100,52 +189,94 @@ def start_run(cfg: DictConfig, client, info: dict[str, Any], n_params: int,
     params.update(vocab_size=vocab_size, n_params=n_params)
     tracking.log_params(client, run_id, params)
     client.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
-    client.log_text(run_id, "\n".join(HydraConfig.get().overrides.task) + "\n",
-                    "overrides.txt")
+    client.log_text(run_id, "\n".join(task_overrides()) + "\n", "overrides.txt")
     tracking.log_dict_artifact(client, run_id, {"chars": info["vocab"]}, "vocab.json")
     return run_id
 
 
+def reopen_run(cfg: DictConfig, client: MlflowClient, resume: Resume) -> None:
+    """Mark a resumed run RUNNING again and record what this resumption changed."""
+    run = client.get_run(resume.run_id)
+    n = 1 + sum(k.startswith("gptlab.resume.") for k in run.data.tags)
+    client.set_tag(resume.run_id, f"gptlab.resume.{n}",
+                   f"from step {resume.step}: {' '.join(resume.changed) or 'no overrides'}")
+    client.log_text(resume.run_id, OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)),
+                    "config.yaml")
+    client.update_run(resume.run_id, status="RUNNING")
+
+
 def train(cfg: DictConfig) -> float:
     check_trainer_cfg(cfg)
+    client, run_id, resume, ckpt = None, None, None, None
+    if cfg.get("resume"):
+        if not cfg.logger.enabled:
+            raise GptlabError("resume needs the MLflow logger (logger=mlflow)")
+        client = tracking.connect(cfg.logger.tracking_uri)
+        cfg, resume, ckpt = prepare_resume(cfg, client)
+        check_trainer_cfg(cfg)
+    elif cfg.optim.decay_steps is None:
+        # fixed once, so that extending max_steps on resume does not bend the schedule
+        cfg.optim.decay_steps = cfg.trainer.max_steps
+
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm, lit, info = build(cfg)
     n_params = sum(p.numel() for p in lit.model.parameters())
+    if resume:
+        check_checkpoint_matches(ckpt, lit, info)
+        if resume.step >= cfg.trainer.max_steps:
+            raise GptlabError(f"run {resume.run_id} is already at step {resume.step}: pass "
+                              f"trainer.max_steps=N with N > {resume.step} to extend it")
 
-    client, run_id = None, None
+    recorded: dict[str, int] = {}
     if cfg.logger.enabled:
-        client = tracking.connect(cfg.logger.tracking_uri)
-        run_id = start_run(cfg, client, info, n_params, dm.vocab_size)
+        client = client or tracking.connect(cfg.logger.tracking_uri)
+        if resume:
+            run_id = resume.run_id
+            recorded = tracking.last_recorded_steps(client, run_id)
+            reopen_run(cfg, client, resume)
+        else:
+            run_id = start_run(cfg, client, info, n_params, dm.vocab_size)
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    logger = callbacks.MLflowRunLogger(client, run_id, recorded=recorded) if client else None
     sampler = callbacks.SampleText(client, run_id, dm.tokenizer.chars, **cfg.callbacks.sample)
-    checkpoints = callbacks.CheckpointToRun(out_dir / "checkpoints", client, run_id)
-    logger = callbacks.MLflowRunLogger(client, run_id) if client is not None else False
+    checkpoints = callbacks.CheckpointToRun(
+        out_dir / "checkpoints", client, run_id, logger, cfg.checkpoint.every_n_steps)
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=logger, callbacks=[sampler, checkpoints]
+        cfg.trainer, logger=logger or False, callbacks=[sampler, checkpoints]
     )
     if logger:
         logger.trainer = trainer
     print(f"gptlab: {info['model_class'].rsplit('.', 1)[-1]} with {n_params:,} parameters, "
           f"vocabulary of {dm.vocab_size}, {len(dm.train_data):,} train / "
-          f"{len(dm.val_data):,} val tokens" + (f", MLflow run {run_id}" if run_id else ""))
+          f"{len(dm.val_data):,} val tokens" + (f", MLflow run {run_id}" if run_id else "")
+          + (f", resumed from step {resume.step}" if resume else ""))
+
     status = "FAILED"
     try:
-        trainer.fit(lit, datamodule=dm)
-        if trainer.interrupted:
+        trainer.fit(lit, datamodule=dm, ckpt_path=resume.ckpt_path if resume else None,
+                    weights_only=True if resume else None)
+        if checkpoints.stop_signal is not None:
             status = "KILLED"
-            raise GptlabError("training interrupted")
-        # the end of training may fall between validations: validate the final weights too
-        if trainer.global_step % cfg.trainer.val_check_interval:
-            trainer.validate(lit, datamodule=dm, verbose=False)
-        text = sampler.sample(lit, max_new_tokens=cfg.callbacks.final_sample_tokens)
-        if client is not None:
-            client.log_text(run_id, text, "samples/final.txt")
-        status = "FINISHED"
+        else:
+            # the end of training may fall between validations: validate the final weights
+            if trainer.global_step % trainer.val_check_batch:
+                trainer.validate(lit, datamodule=dm, verbose=False)
+                val = trainer.callback_metrics.get("val/loss")
+                checkpoints.save(trainer, None if val is None else float(val))
+            text = sampler.sample(lit, max_new_tokens=cfg.callbacks.final_sample_tokens)
+            if client is not None:
+                client.log_text(run_id, text, "samples/final.txt")
+            status = "FINISHED"
     finally:
         if client is not None:
             logger.flush()
             client.set_terminated(run_id, status)
+    if status == "KILLED":
+        print(f"gptlab: stopped at step {trainer.global_step} and checkpointed"
+              + (f"; continue with: gptlab-train resume={run_id}" if run_id else ""),
+              file=sys.stderr)
+        sys.exit(128 + checkpoints.stop_signal)
     best = checkpoints.best if checkpoints.best is not None else math.nan
     print("\n--- sample ---")
     print(text)

@@ -131,6 +131,7 @@ class GPT(nn.Module):
         ffn: bool = True,
         residual: bool = True,
         layernorm: bool = True,
+        tie_weights: bool = True,
     ):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("block_size", block_size),
@@ -155,8 +156,9 @@ class GPT(nn.Module):
         )
         self.ln_f = nn.LayerNorm(n_embd, bias=bias) if layernorm else nn.Identity()
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        # weight tying (as in GPT-2): the head reads out in the space the tokens embed into
-        self.wte.weight = self.lm_head.weight
+        if tie_weights:
+            # as in GPT-2: the head reads out in the space the tokens embed into
+            self.wte.weight = self.lm_head.weight
         # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled down by the depth
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
