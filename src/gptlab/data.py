@@ -144,6 +144,12 @@ class RandomBlocks(IterableDataset):
             k += 1
 
 
+def _private_generator() -> torch.Generator:
+    """Every DataLoader iterator draws a base seed; from the global generator, that draw would
+    shift the dropout masks of a resumed run, which opens its iterator at another moment."""
+    return torch.Generator().manual_seed(0)
+
+
 class CharDataModule(pl.LightningDataModule):
     """Character-level corpus: vocabulary, unshuffled train/val split, random blocks.
 
@@ -215,7 +221,8 @@ class CharDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:
             self._train_blocks.start = self.trainer.global_step
-        return DataLoader(self._train_blocks, batch_size=None, pin_memory=self.pin_memory)
+        return DataLoader(self._train_blocks, batch_size=None, pin_memory=self.pin_memory,
+                          generator=_private_generator())
 
     def val_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.val_seed)
@@ -224,4 +231,4 @@ class CharDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         x, y = self.val_blocks()
         return DataLoader(TensorDataset(x, y), batch_size=self.batch_size,
-                          pin_memory=self.pin_memory)
+                          pin_memory=self.pin_memory, generator=_private_generator())
