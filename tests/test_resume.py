@@ -89,7 +89,7 @@ def only_run(client: MlflowClient):
 
 def resume_to_finish(tmp, corpus, client, run_id, extra_steps=10, resume=None):
     step = tracking_step(client, run_id)
-    res = run_cli("gptlab-train", [f"resume={resume or run_id}",
+    res = run_cli("gptlab-train", [f"resume={resume or run_id}", "logger.experiment_name=signals",
                                    f"trainer.max_steps={step + extra_steps}"], tmp, corpus)
     assert res.returncode == 0, res.stderr[-2000:]
     run = client.get_run(run_id)

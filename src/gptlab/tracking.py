@@ -57,12 +57,22 @@ def connect(uri: str | None = None) -> MlflowClient:
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=uri)
+    # MLflow retries an unreachable server for minutes; the first look should fail fast
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
     try:
         client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GptlabError(f"cannot reach the MLflow tracking store at {uri}: {first_line}"
+        raise GptlabError(f"cannot reach the MLflow tracking store at {uri}: {first_line[:300]}"
                           ) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return client
 
 

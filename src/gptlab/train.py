@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab import callbacks, tracking
+from gptlab import callbacks, sweeps, tracking
 from gptlab.data import CharDataModule
-from gptlab.errors import GptlabError, report_errors
+from gptlab.errors import GptlabError, gptlab_cause, report_errors
 from gptlab.lit_module import LitLM
 from gptlab.models import class_path
 
@@ -37,9 +38,9 @@ class _DropTips(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
+# Lightning 2.6 on torch 2.13 warns about its own use of a deprecated torch API
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
-# overrides that say where things live rather than what is trained: not part of a run name
-_UNNAMED = ("hydra.", "logger.", "data.path", "trainer.enable_progress_bar", "resume")
 # what may change when a run is resumed: how long and how often, never what is trained
 RESUME_SAFE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
                "trainer.enable_progress_bar", "trainer.enable_model_summary",
@@ -50,18 +51,13 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def run_name(cfg: DictConfig) -> str:
-    """What the command line changed, e.g. `bigram lr=3e-3`, else the experiment or model."""
+def run_name(cfg: DictConfig, sweep_name: str | None = None) -> str:
+    """`logger.run_name`, else what the sweep varies (`gpt lr=3e-3`), else the experiment
+    or model."""
     if cfg.logger.get("run_name"):
         return str(cfg.logger.run_name)
-    parts = []
-    for override in task_overrides():
-        key, _, value = override.lstrip("+~").partition("=")
-        if key.startswith(_UNNAMED):
-            continue
-        parts.append(value if "." not in key else f"{key.rsplit('.', 1)[-1]}={value}")
-    if parts:
-        return " ".join(parts)
+    if sweep_name:
+        return sweep_name
     choices = HydraConfig.get().runtime.choices
     return choices.get("experiment") or choices.get("model") or "run"
 
@@ -171,23 +167,31 @@ def check_checkpoint_matches(ckpt: dict, lit: LitLM, info: dict[str, Any]) -> No
                           f"(first difference: {diff[0][0]})")
 
 
-def start_run(cfg: DictConfig, client: MlflowClient, info: dict[str, Any], n_params: int,
-              vocab_size: int) -> str:
+def start_run(cfg: DictConfig, client: MlflowClient, info: dict[str, Any] | None = None,
+              derived: dict[str, Any] | None = None) -> str:
+    """Open the run: tags, every resolved config value as a param, config and vocabulary."""
     experiment_id = tracking.get_or_create_experiment(client, cfg.logger.experiment_name)
+    parent, sweep_name = sweeps.job_sweep_info()
     tags = {
         "mlflow.source.name": "gptlab-train",
         "mlflow.source.type": "LOCAL",
-        "gptlab.model_class": info["model_class"],
         "gptlab.command": " ".join(["gptlab-train", *sys.argv[1:]]),
     }
-    if info["code_version"]:
-        tags["mlflow.source.git.commit"] = info["code_version"]
-    run = client.create_run(experiment_id, run_name=run_name(cfg), tags=tags)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    commit = tracking.git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if info:
+        tags["gptlab.model_class"] = info["model_class"]
+    run = client.create_run(experiment_id, run_name=run_name(cfg, sweep_name), tags=tags)
     run_id = run.info.run_id
     resolved = OmegaConf.to_container(cfg, resolve=True)
     params = tracking.flatten(resolved)
-    params.update(vocab_size=vocab_size, n_params=n_params)
+    params.update(derived or {})
     tracking.log_params(client, run_id, params)
+    if info is None:
+        return run_id
     client.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
     client.log_text(run_id, "\n".join(task_overrides()) + "\n", "overrides.txt")
     tracking.log_dict_artifact(client, run_id, {"chars": info["vocab"]}, "vocab.json")
@@ -219,7 +223,11 @@ def train(cfg: DictConfig) -> float:
         cfg.optim.decay_steps = cfg.trainer.max_steps
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm, lit, info = build(cfg)
+    try:
+        dm, lit, info = build(cfg)
+    except Exception as e:
+        record_failed_job(cfg, e)
+        raise
     n_params = sum(p.numel() for p in lit.model.parameters())
     if resume:
         check_checkpoint_matches(ckpt, lit, info)
@@ -235,7 +243,8 @@ def train(cfg: DictConfig) -> float:
             recorded = tracking.last_recorded_steps(client, run_id)
             reopen_run(cfg, client, resume)
         else:
-            run_id = start_run(cfg, client, info, n_params, dm.vocab_size)
+            run_id = start_run(cfg, client, info,
+                               {"vocab_size": dm.vocab_size, "n_params": n_params})
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     logger = callbacks.MLflowRunLogger(client, run_id, recorded=recorded) if client else None
@@ -268,6 +277,10 @@ def train(cfg: DictConfig) -> float:
             if client is not None:
                 client.log_text(run_id, text, "samples/final.txt")
             status = "FINISHED"
+    except Exception as e:
+        if client is not None:
+            client.set_tag(run_id, "gptlab.error", str(gptlab_cause(e) or repr(e))[:5000])
+        raise
     finally:
         if client is not None:
             logger.flush()
@@ -287,10 +300,32 @@ def train(cfg: DictConfig) -> float:
     return best
 
 
+def record_failed_job(cfg: DictConfig, error: Exception) -> None:
+    """A sweep job that fails before its run opens still leaves a FAILED run in the sweep,
+    with the error as a tag, so the sweep shows what happened to every job."""
+    if sweeps.job_sweep_info()[0] is None or not cfg.logger.enabled:
+        return
+    client = tracking.connect(cfg.logger.tracking_uri)
+    run_id = start_run(cfg, client)
+    client.set_tag(run_id, "gptlab.error", str(gptlab_cause(error) or repr(error))[:5000])
+    client.set_terminated(run_id, "FAILED")
+
+
 @hydra.main(config_path=tracking.CONF_DIR, config_name="train", version_base="1.3")
 @report_errors
 def main(cfg: DictConfig) -> float:
-    return train(cfg)
+    if sweeps.job_sweep_info()[0] is None:
+        return train(cfg)
+    # in a sweep, a job's bad input fails that job only: the others go on, and the sweep
+    # reports the failures at its end
+    try:
+        return train(cfg)
+    except Exception as e:
+        cause = gptlab_cause(e)
+        if cause is None:
+            raise
+        print(f"error: job {HydraConfig.get().job.num}: {cause}", file=sys.stderr)
+        return math.nan
 
 
 if __name__ == "__main__":
