@@ -168,7 +168,7 @@ class CharDataModule(pl.LightningDataModule):
         seed: int = 1337,
         val_seed: int = 1337,
         cache_dir: str | None = None,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
         for name, value in (("block_size", block_size), ("batch_size", batch_size),
@@ -180,7 +180,9 @@ class CharDataModule(pl.LightningDataModule):
         self.path, self.cache_dir = path, cache_dir
         self.block_size, self.batch_size = block_size, batch_size
         self.train_frac, self.eval_iters = train_frac, eval_iters
-        self.seed, self.val_seed, self.pin_memory = seed, val_seed, pin_memory
+        # pinned host memory makes host-to-GPU copies asynchronous; null: when a GPU is there
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.seed, self.val_seed = seed, val_seed
         self.corpus_path: Path | None = None
         self.tokenizer: CharTokenizer | None = None
         self.train_data: torch.Tensor | None = None

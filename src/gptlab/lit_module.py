@@ -52,12 +52,15 @@ class LitLM(pl.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.99),
         fused: bool | None = None,
+        compile: bool = False,
         checkpoint_info: dict[str, Any] | None = None,
     ):
         super().__init__()
         if lr <= 0:
             raise GptlabError(f"optim.lr must be positive, got {lr}")
         self.model = model
+        if compile:
+            model.compile()  # in place: the state dict, so the checkpoints, keep plain names
         self.lr, self.weight_decay, self.betas, self.fused = lr, weight_decay, tuple(betas), fused
         self.schedule = LRSchedule(schedule, lr, min_lr, warmup_steps, decay_steps or 0)
         # what a checkpoint needs to rebuild the model without the config: plain values only
@@ -118,8 +121,9 @@ class LitLM(pl.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        extra = {} if self.fused is None else {"fused": self.fused}
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, **extra)
+        # the fused kernel is the fastest on GPU; on CPU torch's default (foreach) is
+        fused = self.fused if self.fused is not None else self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

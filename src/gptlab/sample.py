@@ -33,7 +33,7 @@ def sample(cfg: DictConfig) -> list[str]:
     model = tracking.model_from_checkpoint(ckpt).to(cfg.device)
     texts = tracking.generate_text(
         model, ckpt["gptlab"]["vocab"], str(cfg.prompt), cfg.max_new_tokens,
-        cfg.temperature, cfg.top_k, cfg.seed, cfg.num_samples, cfg.device,
+        cfg.temperature, cfg.top_k, cfg.seed, cfg.num_samples, cfg.device, cfg.kv_cache,
     )
     for i, text in enumerate(texts):
         if len(texts) > 1:

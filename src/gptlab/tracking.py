@@ -120,7 +120,7 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
 
 def generate_text(model: torch.nn.Module, chars: str, prompt: str, max_new_tokens: int,
                   temperature: float, top_k: int | None, seed: int, num_samples: int = 1,
-                  device: torch.device | str = "cpu") -> list[str]:
+                  device: torch.device | str = "cpu", kv_cache: bool = True) -> list[str]:
     """Sample from a model without touching the global random state."""
     from gptlab.data import CharTokenizer
 
@@ -134,7 +134,8 @@ def generate_text(model: torch.nn.Module, chars: str, prompt: str, max_new_token
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                             kv_cache=kv_cache)
     model.train(was_training)
     return [tok.decode(row) for row in out]
 

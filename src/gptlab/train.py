@@ -19,6 +19,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -68,6 +69,7 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, LitLM, dict[str, Any]]:
     dm.setup()
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     target = model_cfg.pop("_target_")
+    compile_model = bool(model_cfg.pop("compile", False))
     model_kwargs = {**model_cfg, "vocab_size": dm.vocab_size, "block_size": dm.block_size}
     model = hydra.utils.instantiate({"_target_": target}, **model_kwargs)
     info = {
@@ -79,7 +81,7 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, LitLM, dict[str, Any]]:
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     if optim.get("decay_steps") is None:
         optim["decay_steps"] = cfg.trainer.max_steps
-    lit = LitLM(model, **optim, checkpoint_info=info)
+    lit = LitLM(model, **optim, compile=compile_model, checkpoint_info=info)
     return dm, lit, info
 
 
@@ -223,6 +225,8 @@ def train(cfg: DictConfig) -> float:
         cfg.optim.decay_steps = cfg.trainer.max_steps
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for what autocast leaves fp32
     try:
         dm, lit, info = build(cfg)
     except Exception as e:

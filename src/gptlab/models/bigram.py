@@ -21,7 +21,9 @@ class BigramLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None) -> torch.Tensor:
+                 top_k: int | None = None, kv_cache: bool = True) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to idx (B, T). `kv_cache` is accepted for a
+        common interface; a bigram reads only the last token, so there is nothing to cache."""
         check_sampling_args(temperature, top_k)
         for _ in range(max_new_tokens):
             # the next token depends on the last one only, so the context is one token

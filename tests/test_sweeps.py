@@ -1,0 +1,214 @@
+"""Sweeps from the shell: nested MLflow runs, parallel jobs, Optuna, comparison, the UI server."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, TINY_GPT, cli_env, run_cli, store_uri
+from gptlab import compare as compare_cli
+
+SWEEP = [o for o in TINY_GPT if not o.startswith(("model.n_embd", "model.n_head"))]
+
+
+def children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def sweep_parent(client, experiment):
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.gptlab.sweep = 'true'")
+    assert len(parents) == 1
+    return parents[0]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, small_corpus):
+    """`gptlab-train -m` over 2 x 2 values of a tiny GPT."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    res = run_cli("gptlab-train", ["-m", "model.n_embd=16,32", "optim.lr=1e-3,3e-3",
+                                   "model.n_head=2", *SWEEP, "logger.experiment_name=sweep"],
+                  tmp, small_corpus)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp, res
+
+
+def test_multirun_nests_named_children_under_one_parent(swept):
+    tmp, _ = swept
+    client = MlflowClient(store_uri(tmp))
+    parent = sweep_parent(client, "sweep")
+    assert parent.info.status == "FINISHED"
+    assert "-m model.n_embd=16,32 optim.lr=1e-3,3e-3" in parent.data.tags["gptlab.command"]
+    assert parent.data.params["swept"] == "model.n_embd, optim.lr"
+    runs = children(client, parent.info.run_id)
+    assert sorted(r.info.run_name for r in runs) == [
+        "n_embd=16 lr=0.001", "n_embd=16 lr=0.003", "n_embd=32 lr=0.001", "n_embd=32 lr=0.003"]
+    assert {(r.data.params["model.n_embd"], r.data.params["optim.lr"]) for r in runs} == {
+        ("16", "0.001"), ("16", "0.003"), ("32", "0.001"), ("32", "0.003")}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(client.get_metric_history(r.info.run_id, "val/loss") for r in runs)
+
+
+def test_compare_table_and_plot(swept, capsys, tmp_path):
+    tmp, _ = swept
+    client = MlflowClient(store_uri(tmp))
+    parent = sweep_parent(client, "sweep")
+    png = tmp_path / "curves.png"
+    rows = compare_cli.compare("sweep", "latest", str(png), store_uri(tmp))
+    out = capsys.readouterr().out
+    assert len(rows) == 4
+    best = [r["best val/loss"] for r in rows]
+    assert best == sorted(best)
+    for r in rows:
+        history = client.get_metric_history(
+            next(c.info.run_id for c in children(client, parent.info.run_id)
+                 if c.info.run_name == r["run"]), "val/loss")
+        assert r["best val/loss"] == min(m.value for m in history)
+    header = out.splitlines()[1]
+    # only the params that differ, not the ones every run shares
+    assert "model.n_embd" in header and "optim.lr" in header and "model.n_layer" not in header
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    # the whole experiment: the same four runs, the sweep's parent left out
+    assert len(compare_cli.compare("sweep", None, None, store_uri(tmp))) == 4
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--experiment", "nope"], ["no MLflow experiment named 'nope'"]),
+    (["--experiment", "sweep", "--sweep", "feedfacefeedface"], ["feedfacefeedface"]),
+])
+def test_compare_bad_input(swept, capsys, args, words):
+    tmp, _ = swept
+    with pytest.raises(SystemExit) as e:
+        compare_cli.main([*args, "--tracking-uri", store_uri(tmp)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert all(w in err for w in words), err
+
+
+def test_failing_job_is_recorded_and_others_finish(tmp_path, small_corpus):
+    res = run_cli("gptlab-train", ["-m", "model.n_head=2,3", "model.n_embd=16", *SWEEP,
+                                   "logger.experiment_name=failing"], tmp_path, small_corpus)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert "divisible" in res.stderr and "1 of 2 jobs failed" in res.stderr
+    client = MlflowClient(store_uri(tmp_path))
+    parent = sweep_parent(client, "failing")
+    assert parent.info.status == "FAILED"
+    runs = {r.info.run_name: r for r in children(client, parent.info.run_id)}
+    assert runs["n_head=2"].info.status == "FINISHED"
+    assert runs["n_head=3"].info.status == "FAILED"
+    assert "divisible" in runs["n_head=3"].data.tags["gptlab.error"]
+
+
+def test_parallel_jobs_share_an_empty_store(tmp_path, small_corpus):
+    assert not (tmp_path / "mlruns").exists()
+    res = run_cli("gptlab-train", ["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=4",
+                                   "optim.lr=1e-3,2e-3,3e-3,4e-3", *TINY_GPT,
+                                   "logger.experiment_name=parallel"], tmp_path, small_corpus,
+                  timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(store_uri(tmp_path))
+    assert [e.name for e in client.search_experiments()
+            if e.name != "Default"] == ["parallel"]
+    parent = sweep_parent(client, "parallel")
+    runs = children(client, parent.info.run_id)
+    assert sorted(r.data.params["optim.lr"] for r in runs) == ["0.001", "0.002", "0.003",
+                                                                "0.004"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val/loss")] == [10, 20]
+        names = {Path(f.path).name for f in client.list_artifacts(r.info.run_id, "checkpoints")}
+        assert "best.ckpt" in names and "step_000020.ckpt" in names
+
+
+def test_optuna_search(tmp_path, small_corpus):
+    res = run_cli("gptlab-train", ["hparams_search=lr_dropout_optuna", "hydra.sweeper.n_trials=3",
+                                   *TINY_GPT, "logger.experiment_name=optuna"],
+                  tmp_path, small_corpus)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(store_uri(tmp_path))
+    parent = sweep_parent(client, "optuna")
+    assert parent.data.params["swept"] == "optim.lr, model.dropout"
+    runs = children(client, parent.info.run_id)
+    assert len(runs) == 3
+    for r in runs:
+        assert 1e-4 <= float(r.data.params["optim.lr"]) <= 1e-2
+        assert 0.0 <= float(r.data.params["model.dropout"]) <= 0.3
+    # the objective Optuna minimised is the best val/loss each run recorded
+    results = yaml.safe_load(next(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
+                             .read_text())
+    best = min(min(m.value for m in client.get_metric_history(r.info.run_id, "val/loss"))
+               for r in runs)
+    assert results["best_value"] == pytest.approx(best, abs=1e-6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_before_training(tmp_path, small_corpus):
+    start = time.time()
+    res = run_cli("gptlab-train", [*TINY_GPT, f"logger.tracking_uri=http://127.0.0.1:{free_port()}"],
+                  tmp_path, small_corpus)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.count("cannot reach the MLflow tracking store") == 1
+    assert not list(tmp_path.rglob("*.ckpt"))
+    assert time.time() - start < 60
+
+
+def api(port: int, path: str, body: dict | None = None) -> dict:
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/{path}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_mlflow_server_shows_the_sweep(swept, tmp_path):
+    tmp, _ = swept
+    port = free_port()
+    env = cli_env(tmp, tmp)
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", store_uri(tmp),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        exp = api(port, "experiments/get-by-name?experiment_name=sweep")["experiment"]
+        runs = api(port, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        parents = [r for r, t in zip(runs, tags, strict=True) if t.get("gptlab.sweep") == "true"]
+        assert len(parents) == 1
+        parent_id = parents[0]["info"]["run_id"]
+        kids = [r for r, t in zip(runs, tags, strict=True)
+                if t.get("mlflow.parentRunId") == parent_id]
+        assert len(kids) == 4
+        for kid in kids:
+            params = {p["key"]: p["value"] for p in kid["data"]["params"]}
+            assert {"model.n_embd", "optim.lr", "n_params"} <= params.keys()
+            hist = api(port, f"metrics/get-history?run_id={kid['info']['run_id']}"
+                             "&metric_key=val/loss")["metrics"]
+            assert sorted(m["step"] for m in hist) == [10, 20]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
