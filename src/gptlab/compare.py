@@ -37,8 +37,9 @@ def select_runs(client: MlflowClient, experiment: str, sweep: str | None) -> tup
     """The runs to compare and a title for them."""
     exp_id = experiment_id(client, experiment)
     if sweep is None:
-        runs = client.search_runs([exp_id], "tags.gptlab.sweep != 'true'", max_results=1000)
-        runs = [r for r in runs if r.data.tags.get("gptlab.sweep") != "true"]
+        # filtered here: MLflow's `!=` on a tag also drops the runs without that tag
+        runs = [r for r in client.search_runs([exp_id], max_results=1000)
+                if r.data.tags.get("gptlab.sweep") != "true"]
         title = f"experiment {experiment}"
     else:
         if sweep == "latest":
