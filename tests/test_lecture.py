@@ -141,15 +141,9 @@ def test_stage_builds_a_causal_model(stage):
     assert not torch.allclose(a[:, T // 2:], b[:, T // 2:], atol=1e-5)
 
 
-def test_stage_learns(stage, request):
+def test_stage_learns(stage):
     """30 AdamW steps on one fixed batch lower the loss: gradients reach the parameters."""
     name, cfg = stage
-    if name == "blocks":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "GPT-2's init (N(0, 0.02), scaled-down projections) with no residual path shrinks "
-            "the signal 10^4 times or more per block: after three the logits are ~1e-16, "
-            "every gradient is ~1e-17, far below AdamW's eps (1e-8), and the loss stays at "
-            "ln(65). The lecture trained this stage from PyTorch's default init.")))
     torch.manual_seed(0)
     model = build_model(cfg).train()
     x, y = torch.randint(V, (4, 8)), torch.randint(V, (4, 8))
@@ -162,7 +156,8 @@ def test_stage_learns(stage, request):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert abs(losses[0] - math.log(V)) < 0.1  # untrained: close to uniform
+    if cfg.get("init", "gpt2") == "gpt2":
+        assert abs(losses[0] - math.log(V)) < 0.1  # GPT-2's small init starts near uniform
     assert losses[-1] < losses[0] - 0.1, losses
 
 

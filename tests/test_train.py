@@ -118,7 +118,8 @@ def test_bad_sampling_input(in_process, capsys, trained, monkeypatch):
     bare = client.create_run(client.get_experiment_by_name("e2e").experiment_id).info.run_id
     before = len(client.search_runs([client.get_experiment_by_name("e2e").experiment_id]))
     cases = [
-        ([f"run_id={run_id}", "prompt=ROMEO€"], ["€"]),
+        # quoted, as Hydra's override grammar wants for characters beyond ASCII
+        ([f"run_id={run_id}", "prompt='ROMEO€'"], ["€"]),
         ([f"run_id={run_id}", "temperature=0"], ["temperature"]),
         (["run_id=0123456789abcdef"], ["0123456789abcdef"]),
         ([f"run_id={bare}"], ["no checkpoint"]),

@@ -203,15 +203,24 @@ class CheckpointToRun(pl.Callback):
                 repo.delete_artifacts(f"checkpoints/{name}")
 
     @rank_zero_only
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        # the periodic checkpoint of step N is taken here, as step N+1 begins, because
+        # Lightning hands step N's metrics to the logger only after on_train_batch_end: saved
+        # any earlier, a kill could leave a checkpoint ahead of the recorded metrics
+        step = trainer.global_step
+        if (self.every_n_steps and step and step % self.every_n_steps == 0
+                and step % trainer.val_check_batch != 0):  # validation steps save after val
+            self.save(trainer)
+
+    @rank_zero_only
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
         if self.stop_signal is not None:
+            # a graceful stop: the loop ends after this step and the run's final flush
+            # records its metrics, so the checkpoint can be taken now
             self.save(trainer)
             trainer.should_stop = True
-        elif (self.every_n_steps and step % self.every_n_steps == 0
-              and step % trainer.val_check_batch != 0):  # a validation step saves after val
-            self.save(trainer)
 
     @rank_zero_only
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

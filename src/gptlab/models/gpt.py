@@ -132,6 +132,7 @@ class GPT(nn.Module):
         residual: bool = True,
         layernorm: bool = True,
         tie_weights: bool = True,
+        init: str = "gpt2",
     ):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("block_size", block_size),
@@ -144,6 +145,8 @@ class GPT(nn.Module):
             raise GptlabError(
                 f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})"
             )
+        if init not in ("gpt2", "torch"):
+            raise GptlabError(f"model.init must be 'gpt2' or 'torch', got {init!r}")
         if not 0.0 <= dropout < 1.0:
             raise GptlabError(f"model.dropout must be in [0, 1), got {dropout}")
         self.vocab_size, self.block_size = vocab_size, block_size
@@ -159,11 +162,14 @@ class GPT(nn.Module):
         if tie_weights:
             # as in GPT-2: the head reads out in the space the tokens embed into
             self.wte.weight = self.lm_head.weight
-        # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled down by the depth
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        if init == "gpt2":
+            # N(0, 0.02) everywhere, residual projections scaled down by the depth. Without
+            # residual connections this shrinks the signal block after block until nothing
+            # trains: the lecture's early stages use PyTorch's default init (init="torch")
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
