@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import math
 
-import hydra
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gptlab import tracking
 from gptlab import train as train_cli
@@ -42,12 +41,8 @@ def stage_cfg(stage: str, *overrides: str) -> DictConfig:
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
     """As gptlab-train builds it: vocab_size and block_size come from the data."""
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    target = model_cfg.pop("_target_")
-    model_cfg.pop("compile", None)  # a training option, not a model argument
     try:
-        return hydra.utils.instantiate({"_target_": target}, **model_cfg, vocab_size=V,
-                                       block_size=cfg.data.block_size)
+        return train_cli.build_model(cfg.model, V, cfg.data.block_size)[0]
     except Exception as e:
         # Hydra wraps what the constructor raised; the test wants the constructor's error
         raise (gptlab_cause(e) or e) from None
@@ -156,7 +151,7 @@ def test_stage_learns(stage):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    if cfg.get("init", "gpt2") == "gpt2":
+    if cfg.model.get("init", "gpt2") == "gpt2":
         assert abs(losses[0] - math.log(V)) < 0.1  # GPT-2's small init starts near uniform
     assert losses[-1] < losses[0] - 0.1, losses
 

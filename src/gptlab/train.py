@@ -63,15 +63,22 @@ def run_name(cfg: DictConfig, sweep_name: str | None = None) -> str:
     return choices.get("experiment") or choices.get("model") or "run"
 
 
+def build_model(model_cfg: DictConfig, vocab_size: int, block_size: int
+                ) -> tuple[torch.nn.Module, dict[str, Any], bool]:
+    """The model a `model/` config describes, its constructor arguments (what a checkpoint
+    records) and whether to compile it; vocab and block size come from the data."""
+    kwargs = OmegaConf.to_container(model_cfg, resolve=True)
+    target = kwargs.pop("_target_")
+    compile_model = bool(kwargs.pop("compile", False))  # a training option, not an argument
+    kwargs.update(vocab_size=vocab_size, block_size=block_size)
+    return hydra.utils.instantiate({"_target_": target}, **kwargs), kwargs, compile_model
+
+
 def build(cfg: DictConfig) -> tuple[CharDataModule, LitLM, dict[str, Any]]:
     """Data, model and LightningModule from the config, checked before anything is recorded."""
     dm: CharDataModule = hydra.utils.instantiate(cfg.data)
     dm.setup()
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    target = model_cfg.pop("_target_")
-    compile_model = bool(model_cfg.pop("compile", False))
-    model_kwargs = {**model_cfg, "vocab_size": dm.vocab_size, "block_size": dm.block_size}
-    model = hydra.utils.instantiate({"_target_": target}, **model_kwargs)
+    model, model_kwargs, compile_model = build_model(cfg.model, dm.vocab_size, dm.block_size)
     info = {
         "model_class": class_path(model),
         "model_kwargs": model_kwargs,
