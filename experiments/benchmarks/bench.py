@@ -72,7 +72,7 @@ def compose_cfg(overrides: list[str], store: Path, out_dir: Path):
 
 def gptlab_step_ms(overrides: list[str], steps: int, logger: bool, tmp: Path) -> float:
     over = [*overrides, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-            "trainer._target_=__main__.timed_trainer", "trainer.enable_progress_bar=false",
+            f"trainer._target_={__name__}.timed_trainer", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "callbacks.final_sample_tokens=1",
             "callbacks.sample.max_new_tokens=1", f"logger={'mlflow' if logger else 'none'}"]
     cfg = compose_cfg(over, tmp / "mlruns", tmp / "out")
