@@ -16,10 +16,11 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab import tracking
-from gptlab.errors import gptlab_cause
+from gptlab.errors import report_errors
 
 SWEEP_FILE = ".gptlab_sweep.json"
 
@@ -39,20 +40,18 @@ def short(key: str, value: str) -> str:
     return value if "." not in key else f"{key.rsplit('.', 1)[-1]}={value}"
 
 
+@report_errors
+def open_store(config: DictConfig) -> tuple[MlflowClient, str]:
+    """The store and experiment, checked and created once, before any job starts."""
+    client = tracking.connect(config.logger.tracking_uri)
+    return client, tracking.get_or_create_experiment(client, config.logger.experiment_name)
+
+
 class SweepRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.logger.enabled:
             return
-        try:
-            client = tracking.connect(config.logger.tracking_uri)
-            experiment_id = tracking.get_or_create_experiment(client,
-                                                              config.logger.experiment_name)
-        except Exception as e:
-            cause = gptlab_cause(e)
-            if cause is None:
-                raise
-            print(f"error: {cause}", file=sys.stderr)
-            sys.exit(2)
+        client, experiment_id = open_store(config)
         keys = varied_keys(config)
         choices = config.hydra.runtime.choices
         label = choices.get("hparams_search") or choices.get("experiment") or "sweep"
