@@ -188,7 +188,7 @@ def start_run(cfg: DictConfig, client: MlflowClient, info: dict[str, Any] | None
     }
     if parent:
         tags["mlflow.parentRunId"] = parent
-    commit = tracking.git_commit()
+    commit = info["code_version"] if info else tracking.git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     if info:
