@@ -145,6 +145,7 @@ class CheckpointToRun(pl.Callback):
         self.stop_signal: int | None = None
         self._saved_step: int | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._artifacts = None  # the run's artifact repository, opened at the first prune
 
     # -- stop signals ------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -196,11 +197,13 @@ class CheckpointToRun(pl.Callback):
         for p in old:
             p.unlink(missing_ok=True)
         if self.client is not None:
-            repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
+            if self._artifacts is None:
+                self._artifacts = get_artifact_repository(
+                    self.client.get_run(self.run_id).info.artifact_uri)
             logged = sorted(Path(f.path).name for f in self.client.list_artifacts(
                 self.run_id, "checkpoints") if Path(f.path).name.startswith("step_"))
             for name in logged[:-self.keep]:
-                repo.delete_artifacts(f"checkpoints/{name}")
+                self._artifacts.delete_artifacts(f"checkpoints/{name}")
 
     @rank_zero_only
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -50,6 +50,12 @@ def artifact_root(uri: str) -> str | None:
     return None if db is None else (db.parent / "artifacts").as_uri()
 
 
+def first_line(e: BaseException) -> str:
+    """A library's exception as one line of an error message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def connect(uri: str | None = None) -> MlflowClient:
     """A client for the tracking store, checked once so a bad store fails before training."""
     uri = resolve_tracking_uri(uri)
@@ -64,9 +70,8 @@ def connect(uri: str | None = None) -> MlflowClient:
     try:
         client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GptlabError(f"cannot reach the MLflow tracking store at {uri}: {first_line[:300]}"
-                          ) from None
+        raise GptlabError(f"cannot reach the MLflow tracking store at {uri}: "
+                          f"{first_line(e)[:300]}") from None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -140,17 +145,23 @@ def generate_text(model: torch.nn.Module, chars: str, prompt: str, max_new_token
     return [tok.decode(row) for row in out]
 
 
+def newest_run(client: MlflowClient, experiment_name: str, status_filter: str, what: str):
+    """The most recently started run of an experiment that passes `status_filter`."""
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        raise GptlabError(f"no MLflow experiment named {experiment_name!r}")
+    runs = client.search_runs([exp.experiment_id], status_filter,
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise GptlabError(f"experiment {experiment_name!r} has no {what}")
+    return runs[0]
+
+
 def find_run(client: MlflowClient, run_id: str, experiment_name: str):
     """A run by id, or `latest`: the newest finished run of the experiment."""
     if run_id == "latest":
-        exp = client.get_experiment_by_name(experiment_name)
-        if exp is None:
-            raise GptlabError(f"no MLflow experiment named {experiment_name!r}")
-        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        if not runs:
-            raise GptlabError(f"experiment {experiment_name!r} has no finished run")
-        return runs[0]
+        return newest_run(client, experiment_name, "attributes.status = 'FINISHED'",
+                          "finished run")
     try:
         return client.get_run(run_id)
     except MlflowException:
@@ -216,8 +227,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise GptlabError(f"checkpoint file not found: {path}") from None
     except Exception as e:  # noqa: BLE001 - truncated, corrupted or unsafe files all land here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GptlabError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+        raise GptlabError(f"cannot read checkpoint {path}: {first_line(e)[:200]}") from None
     if not isinstance(ckpt, dict) or "gptlab" not in ckpt or "state_dict" not in ckpt:
         raise GptlabError(f"{path} is not a gptlab checkpoint")
     return ckpt

@@ -112,13 +112,8 @@ class Resume:
 def find_resumable_run(client: MlflowClient, resume: str, experiment_name: str):
     if resume != "latest":
         return tracking.find_run(client, resume, experiment_name)
-    exp = client.get_experiment_by_name(experiment_name)
-    runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], "attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise GptlabError(f"experiment {experiment_name!r} has no unfinished run to resume")
-    return runs[0]
+    return tracking.newest_run(client, experiment_name, "attributes.status != 'FINISHED'",
+                               "unfinished run to resume")
 
 
 def resumed_config(cfg: DictConfig, logged: DictConfig, run_id: str) -> tuple[DictConfig,
@@ -150,7 +145,9 @@ def resumed_config(cfg: DictConfig, logged: DictConfig, run_id: str) -> tuple[Di
     return logged, changed
 
 
-def prepare_resume(cfg: DictConfig, client: MlflowClient) -> tuple[DictConfig, Resume]:
+def prepare_resume(cfg: DictConfig, client: MlflowClient
+                   ) -> tuple[DictConfig, Resume, dict[str, Any]]:
+    """The config to continue with, where to start from, and the checkpoint itself."""
     run = find_resumable_run(client, str(cfg.resume), cfg.logger.experiment_name)
     run_id = run.info.run_id
     try:
