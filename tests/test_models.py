@@ -71,14 +71,43 @@ def test_temperature_must_be_positive(model):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 1, temperature=0)
 
 
-def test_kv_cache_gives_the_same_tokens():
+@pytest.mark.parametrize("window", ["half", "slide"])
+def test_kv_cache_gives_the_same_tokens(window):
     m = tiny_gpt().eval()
     prompt = torch.randint(V, (2, 5))
     torch.manual_seed(3)
-    cached = m.generate(prompt, 30, kv_cache=True)  # fills, then slides past block_size
+    cached = m.generate(prompt, 40, kv_cache=True, window=window)  # past block_size twice
     torch.manual_seed(3)
-    plain = m.generate(prompt, 30, kv_cache=False)
+    plain = m.generate(prompt, 40, kv_cache=False, window=window)
     assert torch.equal(cached, plain)
+
+
+def context_starts(window: str, prompt_len: int, new_tokens: int) -> list[int]:
+    """Where the context of each generation step begins, as GPT.generate documents it."""
+    keep = T if window == "slide" else T // 2
+    start, starts = max(0, prompt_len - T), []
+    for n in range(prompt_len, prompt_len + new_tokens):
+        if n - start > T:
+            start = n - keep
+        starts.append(start)
+    return starts
+
+
+@pytest.mark.parametrize("window", ["half", "slide"])
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_generation_reads_the_documented_window(window, kv_cache):
+    m = tiny_gpt().eval()
+    prompt = torch.randint(V, (1, T + 3))  # longer than the block: cropped from the start
+    out = m.generate(prompt, 2 * T, top_k=1, kv_cache=kv_cache, window=window)
+    for i, start in enumerate(context_starts(window, prompt.size(1), 2 * T)):
+        n = prompt.size(1) + i  # tokens before the one generated at this step
+        assert n - start <= T
+        assert out[0, n] == m(out[:, start:n])[0, -1].argmax()
+
+
+def test_unknown_window_is_refused(model):
+    with pytest.raises(GptlabError, match="window"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 1, window="rolling")
 
 
 def test_heads_must_divide_embedding():

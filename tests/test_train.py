@@ -93,6 +93,7 @@ def one_line_error(code: int, err: str, *words: str) -> None:
     (["trainer.max_steps=0"], ["max_steps"]),
     (["data.path=/no/such/corpus.txt"], ["/no/such/corpus.txt"]),
     (["data.block_size=100000"], ["fewer than data.block_size"]),
+    (["callbacks.sample.window=rolling"], ["window", "rolling"]),
 ])
 def test_bad_training_input(in_process, capsys, tmp_path, overrides, words):
     code, _, err = in_process(train_cli.main, [*TINY_GPT, *overrides], capsys)
@@ -121,6 +122,7 @@ def test_bad_sampling_input(in_process, capsys, trained, monkeypatch):
         # quoted, as Hydra's override grammar wants for characters beyond ASCII
         ([f"run_id={run_id}", "prompt='ROMEO€'"], ["€"]),
         ([f"run_id={run_id}", "temperature=0"], ["temperature"]),
+        ([f"run_id={run_id}", "window=rolling"], ["window", "half", "slide"]),
         (["run_id=0123456789abcdef"], ["0123456789abcdef"]),
         ([f"run_id={bare}"], ["no checkpoint"]),
         (["checkpoint=/no/such.ckpt"], ["not found"]),

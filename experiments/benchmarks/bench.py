@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from gptlab import tracking
+from gptlab.models import WINDOWS
 from gptlab.train import build, train
 
 RECIPES = {
@@ -111,15 +112,33 @@ def plain_step_ms(overrides: list[str], steps: int, tmp: Path, device: str) -> f
     return step_ms(times)
 
 
-def generation_tok_s(kv_cache: bool, new_tokens: int, device: str) -> float:
+def generation_tok_s(kv_cache: bool, window: str, new_tokens: int, device: str,
+                     repeats: int) -> float:
+    """Median tokens/s of `repeats` generations of `new_tokens` from a one-token prompt."""
     from gptlab.models.gpt import GPT
 
     torch.manual_seed(0)
     model = GPT(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384).to(device).eval()
     idx = torch.zeros(1, 1, dtype=torch.long, device=device)
-    start = time.perf_counter()
-    model.generate(idx, new_tokens, kv_cache=kv_cache)
-    return new_tokens / (time.perf_counter() - start)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(idx, new_tokens, kv_cache=kv_cache, window=window)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rates.append(new_tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def generation(new_tokens: int, device: str, repeats: int) -> dict:
+    """KV cache against recomputing the context, under each window policy (GPT.generate)."""
+    out: dict = {"new_tokens": new_tokens, "block_size": 256, "repeats": repeats}
+    for window in WINDOWS:
+        row = {f"{name}_tok_s": round(generation_tok_s(kv, window, new_tokens, device, repeats), 1)
+               for name, kv in (("kv_cache", True), ("no_cache", False))}
+        row["speedup"] = round(row["kv_cache_tok_s"] / row["no_cache_tok_s"], 2)
+        out[window] = row
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,11 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "overhead_pct": round(100 * (with_mlflow / plain - 1), 1),
                 "mlflow_cost_pct": round(100 * (with_mlflow / without - 1), 1),
             })
-    new_tokens = 20 if args.smoke else 500
-    gen = {"new_tokens": new_tokens,
-           "kv_cache_tok_s": round(generation_tok_s(True, new_tokens, device), 1),
-           "no_cache_tok_s": round(generation_tok_s(False, new_tokens, device), 1)}
-    gen["speedup"] = round(gen["kv_cache_tok_s"] / gen["no_cache_tok_s"], 2)
+    gen = generation(20 if args.smoke else 500, device, 1 if args.smoke else 3)
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     result = {
         "machine": {"device": torch.cuda.get_device_name() if device == "cuda" else cpu,
@@ -180,9 +195,10 @@ def print_table(result: dict) -> None:
     for row in result["training"]:
         print(" | ".join(str(row[c]) for c in cols))
     g = result["generation"]
-    print(f"generation ({g['new_tokens']} tokens, 10.7M-param GPT, block 256): "
-          f"{g['kv_cache_tok_s']} tok/s with KV cache, {g['no_cache_tok_s']} without "
-          f"({g['speedup']}x)")
+    for window in WINDOWS:
+        print(f"generation, window={window} ({g['new_tokens']} tokens, 10.7M-param GPT, block "
+              f"{g['block_size']}): {g[window]['kv_cache_tok_s']} tok/s with KV cache, "
+              f"{g[window]['no_cache_tok_s']} without ({g[window]['speedup']}x)")
     print(f"peak RSS {result['peak_rss_mb']} MB  on {result['machine']['device']}")
 
 

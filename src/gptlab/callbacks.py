@@ -93,11 +93,11 @@ class SampleText(pl.Callback):
 
     def __init__(self, client: MlflowClient | None, run_id: str | None, chars: str,
                  prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int = 1337):
+                 top_k: int | None = None, seed: int = 1337, window: str = "half"):
         self.client, self.run_id, self.chars = client, run_id, chars
         self.prompt = prompt if all(ch in chars for ch in prompt) and prompt else chars[0]
         self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       seed=seed)
+                       seed=seed, window=window)
 
     def sample(self, pl_module: pl.LightningModule, max_new_tokens: int | None = None) -> str:
         kw = dict(self.kw)

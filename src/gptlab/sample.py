@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from gptlab import tracking
 from gptlab.errors import GptlabError, report_errors
-from gptlab.models import check_sampling_args
+from gptlab.models import check_sampling_args, check_window
 
 
 def checkpoint_path(cfg: DictConfig) -> Path:
@@ -27,6 +27,7 @@ def checkpoint_path(cfg: DictConfig) -> Path:
 
 def sample(cfg: DictConfig) -> list[str]:
     check_sampling_args(cfg.temperature, cfg.top_k)
+    check_window(cfg.window, 1)
     if cfg.max_new_tokens < 0 or cfg.num_samples <= 0:
         raise GptlabError("max_new_tokens must be >= 0 and num_samples > 0")
     ckpt = tracking.read_checkpoint(checkpoint_path(cfg))
@@ -34,6 +35,7 @@ def sample(cfg: DictConfig) -> list[str]:
     texts = tracking.generate_text(
         model, ckpt["gptlab"]["vocab"], str(cfg.prompt), cfg.max_new_tokens,
         cfg.temperature, cfg.top_k, cfg.seed, cfg.num_samples, cfg.device, cfg.kv_cache,
+        cfg.window,
     )
     for i, text in enumerate(texts):
         if len(texts) > 1:

@@ -125,7 +125,8 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
 
 def generate_text(model: torch.nn.Module, chars: str, prompt: str, max_new_tokens: int,
                   temperature: float, top_k: int | None, seed: int, num_samples: int = 1,
-                  device: torch.device | str = "cpu", kv_cache: bool = True) -> list[str]:
+                  device: torch.device | str = "cpu", kv_cache: bool = True,
+                  window: str = "half") -> list[str]:
     """Sample from a model without touching the global random state."""
     from gptlab.data import CharTokenizer
 
@@ -140,7 +141,7 @@ def generate_text(model: torch.nn.Module, chars: str, prompt: str, max_new_token
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                             kv_cache=kv_cache)
+                             kv_cache=kv_cache, window=window)
     model.train(was_training)
     return [tok.decode(row) for row in out]
 

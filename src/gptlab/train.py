@@ -28,7 +28,7 @@ from gptlab import callbacks, sweeps, tracking
 from gptlab.data import CharDataModule
 from gptlab.errors import GptlabError, gptlab_cause, report_errors
 from gptlab.lit_module import LitLM
-from gptlab.models import class_path
+from gptlab.models import check_sampling_args, check_window, class_path
 
 
 class _DropTips(logging.Filter):
@@ -92,11 +92,15 @@ def build(cfg: DictConfig) -> tuple[CharDataModule, LitLM, dict[str, Any]]:
     return dm, lit, info
 
 
-def check_trainer_cfg(cfg: DictConfig) -> None:
+def check_run_cfg(cfg: DictConfig) -> None:
+    """Refuse, before a run is recorded, what would otherwise fail part-way through it."""
     for key in ("max_steps", "val_check_interval"):
         value = cfg.trainer.get(key)
         if value is None or value <= 0:
             raise GptlabError(f"trainer.{key} must be positive, got {value}")
+    sample = cfg.callbacks.sample
+    check_sampling_args(sample.temperature, sample.top_k)
+    check_window(sample.get("window", "half"), 1)
 
 
 @dataclass
@@ -216,14 +220,14 @@ def reopen_run(cfg: DictConfig, client: MlflowClient, resume: Resume) -> None:
 
 
 def train(cfg: DictConfig) -> float:
-    check_trainer_cfg(cfg)
+    check_run_cfg(cfg)
     client, run_id, resume, ckpt = None, None, None, None
     if cfg.get("resume"):
         if not cfg.logger.enabled:
             raise GptlabError("resume needs the MLflow logger (logger=mlflow)")
         client = tracking.connect(cfg.logger.tracking_uri)
         cfg, resume, ckpt = prepare_resume(cfg, client)
-        check_trainer_cfg(cfg)
+        check_run_cfg(cfg)
     elif cfg.optim.decay_steps is None:
         # fixed once, so that extending max_steps on resume does not bend the schedule
         cfg.optim.decay_steps = cfg.trainer.max_steps

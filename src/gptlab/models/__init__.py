@@ -29,6 +29,16 @@ def check_sampling_args(temperature: float, top_k: int | None) -> None:
         raise GptlabError(f"top_k must be positive, got {top_k}")
 
 
+WINDOWS = ("half", "slide")
+
+
+def check_window(window: str, block_size: int) -> int:
+    """How many tokens a full context keeps under `window` (see GPT.generate)."""
+    if window not in WINDOWS:
+        raise GptlabError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
+    return block_size if window == "slide" else max(1, block_size // 2)
+
+
 def class_path(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
 

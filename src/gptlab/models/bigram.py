@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gptlab.models import check_sampling_args, pick_next
+from gptlab.models import check_sampling_args, check_window, pick_next
 
 
 class BigramLanguageModel(nn.Module):
@@ -21,10 +21,12 @@ class BigramLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, kv_cache: bool = True) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to idx (B, T). `kv_cache` is accepted for a
-        common interface; a bigram reads only the last token, so there is nothing to cache."""
+                 top_k: int | None = None, kv_cache: bool = True, window: str = "half"
+                 ) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to idx (B, T). `kv_cache` and `window` are
+        accepted for a common interface; a bigram reads only the last token."""
         check_sampling_args(temperature, top_k)
+        check_window(window, 1)
         for _ in range(max_new_tokens):
             # the next token depends on the last one only, so the context is one token
             logits = self(idx[:, -1:])[:, -1, :]  # (B, V)

@@ -17,10 +17,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.errors import GptlabError
-from gptlab.models import check_sampling_args, pick_next
+from gptlab.models import check_sampling_args, check_window, pick_next
 from gptlab.models.averaging import AGGREGATIONS
 
-KVCache = list[dict[str, torch.Tensor]]  # one {"k": (B, nh, T, hs), "v": ...} per layer
+
+class LayerCache:
+    """What one layer keeps of the tokens it has seen (keys and values) during generation,
+    in buffers of `capacity` positions: writing in place is cheaper than concatenating a
+    longer tensor at every step."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.n = capacity, 0
+        self.buffers: list[torch.Tensor] = []
+
+    def extend(self, *new: torch.Tensor) -> list[torch.Tensor]:
+        """Append the positions of each new tensor (dim -2) to its buffer; return views of
+        every position so far."""
+        T = new[0].size(-2)
+        if not self.buffers:
+            self.buffers = [t.new_empty((*t.shape[:-2], self.capacity, t.size(-1))) for t in new]
+        for buf, t in zip(self.buffers, new, strict=True):
+            buf[..., self.n:self.n + T, :] = t
+        self.n += T
+        return [buf[..., :self.n, :] for buf in self.buffers]
+
+
+KVCache = list[LayerCache]  # one per block
 
 
 class CausalSelfAttention(nn.Module):
@@ -32,23 +54,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        # with a cache, the T new queries follow the cached keys: a single new token sees all
-        # of them, so only a prefill (empty cache) needs the causal mask
-        is_causal = True
+        # generation fills the cache with the prompt (causal), then feeds one token at a
+        # time, which sees every cached key: no mask
+        is_causal = cache is None or cache.n == 0
         if cache is not None:
-            if "k" in cache:
-                k = torch.cat((cache["k"], k), dim=2)
-                v = torch.cat((cache["v"], v), dim=2)
-                is_causal = T > 1
-            cache["k"], cache["v"] = k, v
+            k, v = cache.extend(k, v)  # (B, nh, past + T, hs)
         # softmax(q k^T / sqrt(hs)) v: the scale keeps the affinities at unit variance
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
@@ -68,15 +85,13 @@ class CausalAverage(nn.Module):
             )
         self.average = AGGREGATIONS[aggregation]
 
-    def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
-                ) -> torch.Tensor:
-        if cache is None:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        if cache is None or cache.n == 0:  # training, or the prompt of a generation
+            if cache is not None:
+                cache.extend(x)
             return self.average(x)
-        if "v" not in cache:  # prefill
-            cache["v"] = x
-            return self.average(x)
-        cache["v"] = torch.cat((cache["v"], x), dim=1)  # (B, T, C)
-        return cache["v"].mean(dim=1, keepdim=True)  # one new token: (B, 1, C)
+        (seen,) = cache.extend(x)  # (B, past + 1, C)
+        return seen.mean(dim=1, keepdim=True)  # one new token: (B, 1, C)
 
 
 class MLP(nn.Module):
@@ -106,8 +121,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias) if layernorm and ffn else nn.Identity()
         self.mlp = MLP(n_embd, dropout, bias) if ffn else None
 
-    def forward(self, x: torch.Tensor, cache: dict[str, torch.Tensor] | None = None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         a = self.attn(self.ln_1(x), cache)
         x = x + a if self.residual else a
         if self.mlp is not None:
@@ -193,22 +207,31 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, kv_cache: bool = True) -> torch.Tensor:
+                 top_k: int | None = None, kv_cache: bool = True, window: str = "half"
+                 ) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to idx (B, T).
 
-        With the KV cache, each step feeds only the newest token while the context fits in
-        `block_size`; once it slides, the positions of every token shift, so the cropped
-        context is recomputed in full, exactly as without the cache.
+        The model reads at most `block_size` tokens. Past that, `window` says which:
+        "slide" keeps the newest `block_size` (the lecture's cropping; every token shifts
+        every position, so each step recomputes the whole window), "half" drops the oldest
+        tokens down to the newest `block_size // 2` once the window is full, then grows again
+        (one recompute per `block_size // 2` tokens). With the KV cache, each step between
+        recomputes feeds only the newest token; the tokens are the same with or without it.
         """
         check_sampling_args(temperature, top_k)
+        keep = check_window(window, self.block_size)
+        start = max(0, idx.size(1) - self.block_size)  # first token of the context
         cache: KVCache | None = None
         for _ in range(max_new_tokens):
             T = idx.size(1)
-            if kv_cache and cache is not None and T <= self.block_size:
-                logits = self(idx[:, -1:], kv_cache=cache, pos_offset=T - 1)
+            if T - start > self.block_size:
+                start = T - keep
+                cache = None
+            if kv_cache and cache is not None:
+                logits = self(idx[:, -1:], kv_cache=cache, pos_offset=T - start - 1)
             else:
-                cache = [{} for _ in self.h] if kv_cache else None
-                logits = self(idx[:, -self.block_size:], kv_cache=cache)
+                cache = [LayerCache(self.block_size) for _ in self.h] if kv_cache else None
+                logits = self(idx[:, start:], kv_cache=cache)
             idx_next = pick_next(logits[:, -1, :], temperature, top_k)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
