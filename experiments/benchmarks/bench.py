@@ -31,7 +31,7 @@ from gptlab.train import build, train
 
 RECIPES = {
     # name: (overrides, steps on CPU)
-    "bigram": (["experiment=bigram"], 400),
+    "bigram": (["experiment=bigram"], 2000),
     "shakespeare_char_cpu": (["experiment=shakespeare_char_cpu"], 200),
     "shakespeare_char": (["experiment=shakespeare_char"], 30),
 }
@@ -55,9 +55,11 @@ def timed_trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(**kwargs)
 
 
-def step_ms(times: list[float]) -> float:
+def step_ms(times: list[float]) -> dict[str, float]:
+    """Median and mean time per step after the warm-up (the mean includes the logging steps
+    and MLflow flushes)."""
     deltas = [b - a for a, b in zip(times[WARMUP:], times[WARMUP + 1:], strict=False)]
-    return 1000 * statistics.median(deltas)
+    return {"median": 1000 * statistics.median(deltas), "mean": 1000 * statistics.mean(deltas)}
 
 
 def compose_cfg(overrides: list[str], store: Path, out_dir: Path):
@@ -71,7 +73,8 @@ def compose_cfg(overrides: list[str], store: Path, out_dir: Path):
     return cfg
 
 
-def gptlab_step_ms(overrides: list[str], steps: int, logger: bool, tmp: Path) -> float:
+def gptlab_step_ms(overrides: list[str], steps: int, logger: bool, tmp: Path
+                   ) -> dict[str, float]:
     over = [*overrides, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
             f"trainer._target_={__name__}.timed_trainer", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "callbacks.final_sample_tokens=1",
@@ -85,7 +88,8 @@ def gptlab_step_ms(overrides: list[str], steps: int, logger: bool, tmp: Path) ->
     return step_ms(_timer.times)
 
 
-def plain_step_ms(overrides: list[str], steps: int, tmp: Path, device: str) -> float:
+def plain_step_ms(overrides: list[str], steps: int, tmp: Path, device: str
+                  ) -> dict[str, float]:
     """The bare loop: same data module, model init, optimizer groups, schedule, clipping."""
     cfg = compose_cfg(overrides, tmp / "mlruns", tmp / "out")
     pl.seed_everything(cfg.seed, verbose=False)
@@ -162,15 +166,18 @@ def main(argv: list[str] | None = None) -> dict:
             without = gptlab_step_ms(overrides, steps, False, tmp)
             cfg = compose_cfg(overrides, tmp, tmp)
             tokens = cfg.data.batch_size * cfg.data.block_size
-            rows.append({
-                "recipe": name, "steps": steps,
-                "plain_ms": round(plain, 2), "gptlab_ms": round(with_mlflow, 2),
-                "gptlab_no_mlflow_ms": round(without, 2),
-                "plain_tok_s": round(1000 * tokens / plain),
-                "gptlab_tok_s": round(1000 * tokens / with_mlflow),
-                "overhead_pct": round(100 * (with_mlflow / plain - 1), 1),
-                "mlflow_cost_pct": round(100 * (with_mlflow / without - 1), 1),
-            })
+            row = {"recipe": name, "steps": steps}
+            for stat in ("median", "mean"):
+                p, g, n = plain[stat], with_mlflow[stat], without[stat]
+                row[stat] = {
+                    "plain_ms": round(p, 3), "gptlab_ms": round(g, 3),
+                    "gptlab_no_mlflow_ms": round(n, 3),
+                    "plain_tok_s": round(1000 * tokens / p),
+                    "gptlab_tok_s": round(1000 * tokens / g),
+                    "overhead_pct": round(100 * (g / p - 1), 1),
+                    "mlflow_cost_pct": round(100 * (g / n - 1), 1),
+                }
+            rows.append(row)
     gen = generation(20 if args.smoke else 500, device, 1 if args.smoke else 3)
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     result = {
@@ -189,11 +196,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    cols = ["recipe", "plain_ms", "gptlab_ms", "gptlab_no_mlflow_ms", "overhead_pct",
-            "mlflow_cost_pct", "gptlab_tok_s"]
-    print(" | ".join(cols))
+    cols = ["plain_ms", "gptlab_ms", "gptlab_no_mlflow_ms", "overhead_pct", "mlflow_cost_pct",
+            "gptlab_tok_s"]
+    print(" | ".join(["recipe", "step", *cols]))
     for row in result["training"]:
-        print(" | ".join(str(row[c]) for c in cols))
+        for stat in ("median", "mean"):
+            print(" | ".join([row["recipe"], stat, *(str(row[stat][c]) for c in cols)]))
     g = result["generation"]
     for window in WINDOWS:
         print(f"generation, window={window} ({g['new_tokens']} tokens, 10.7M-param GPT, block "

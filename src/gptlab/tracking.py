@@ -127,7 +127,8 @@ def generate_text(model: torch.nn.Module, chars: str, prompt: str, max_new_token
                   temperature: float, top_k: int | None, seed: int, num_samples: int = 1,
                   device: torch.device | str = "cpu", kv_cache: bool = True,
                   window: str = "half") -> list[str]:
-    """Sample from a model without touching the global random state."""
+    """Sample from a model with a generator of its own: the global random state is neither
+    used nor changed, so this may run beside training."""
     from gptlab.data import CharTokenizer
 
     tok = CharTokenizer(chars)
@@ -135,13 +136,11 @@ def generate_text(model: torch.nn.Module, chars: str, prompt: str, max_new_token
     if not ids:
         raise GptlabError("the prompt is empty")
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                             kv_cache=kv_cache, window=window)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                         kv_cache=kv_cache, window=window, generator=generator)
     model.train(was_training)
     return [tok.decode(row) for row in out]
 

@@ -259,10 +259,15 @@ def train(cfg: DictConfig) -> float:
                                {"vocab_size": dm.vocab_size, "n_params": n_params})
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    logger = callbacks.MLflowRunLogger(client, run_id, recorded=recorded) if client else None
-    sampler = callbacks.SampleText(client, run_id, dm.tokenizer.chars, **cfg.callbacks.sample)
+    # MLflow calls during training go to one worker thread, in order, off the training path
+    background = callbacks.Background() if client else None
+    logger = (callbacks.MLflowRunLogger(client, run_id, background, recorded=recorded)
+              if client else None)
+    sampler = callbacks.SampleText(client, run_id, dm.tokenizer.chars, **cfg.callbacks.sample,
+                                   background=background)
     checkpoints = callbacks.CheckpointToRun(
-        out_dir / "checkpoints", client, run_id, logger, cfg.checkpoint.every_n_steps)
+        out_dir / "checkpoints", client, run_id, logger, cfg.checkpoint.every_n_steps,
+        background=background)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=logger or False, callbacks=[sampler, checkpoints]
     )
@@ -285,18 +290,25 @@ def train(cfg: DictConfig) -> float:
                 trainer.validate(lit, datamodule=dm, verbose=False)
                 val = trainer.callback_metrics.get("val/loss")
                 checkpoints.save(trainer, None if val is None else float(val))
-            text = sampler.sample(lit, max_new_tokens=cfg.callbacks.final_sample_tokens)
+            text = sampler.sample(lit.model, max_new_tokens=cfg.callbacks.final_sample_tokens)
             if client is not None:
-                client.log_text(run_id, text, "samples/final.txt")
+                background.submit(client.log_text, run_id, text, "samples/final.txt")
             status = "FINISHED"
     except Exception as e:
         if client is not None:
-            client.set_tag(run_id, "gptlab.error", str(gptlab_cause(e) or repr(e))[:5000])
+            background.submit(client.set_tag, run_id, "gptlab.error",
+                              str(gptlab_cause(e) or repr(e))[:5000])
         raise
     finally:
         if client is not None:
             logger.flush()
-            client.set_terminated(run_id, status)
+            try:
+                background.drain()  # the run ends once everything it produced is recorded
+            except Exception:
+                status = "FAILED"
+                raise
+            finally:
+                client.set_terminated(run_id, status)
     if status == "KILLED":
         print(f"gptlab: stopped at step {trainer.global_step} and checkpointed"
               + (f"; continue with: gptlab-train resume={run_id}" if run_id else ""),

@@ -11,15 +11,15 @@ from torch import nn
 from gptlab.errors import GptlabError
 
 
-def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None
-              ) -> torch.Tensor:
+def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+              generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample one token per row from the logits of the last position. (B, V) -> (B, 1)"""
     logits = logits / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float("inf")
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 def check_sampling_args(temperature: float, top_k: int | None) -> None:

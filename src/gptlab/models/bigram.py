@@ -21,8 +21,8 @@ class BigramLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, kv_cache: bool = True, window: str = "half"
-                 ) -> torch.Tensor:
+                 top_k: int | None = None, kv_cache: bool = True, window: str = "half",
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to idx (B, T). `kv_cache` and `window` are
         accepted for a common interface; a bigram reads only the last token."""
         check_sampling_args(temperature, top_k)
@@ -30,5 +30,5 @@ class BigramLanguageModel(nn.Module):
         for _ in range(max_new_tokens):
             # the next token depends on the last one only, so the context is one token
             logits = self(idx[:, -1:])[:, -1, :]  # (B, V)
-            idx = torch.cat((idx, pick_next(logits, temperature, top_k)), dim=1)
+            idx = torch.cat((idx, pick_next(logits, temperature, top_k, generator)), dim=1)
         return idx

@@ -207,8 +207,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, kv_cache: bool = True, window: str = "half"
-                 ) -> torch.Tensor:
+                 top_k: int | None = None, kv_cache: bool = True, window: str = "half",
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to idx (B, T).
 
         The model reads at most `block_size` tokens. Past that, `window` says which:
@@ -232,6 +232,6 @@ class GPT(nn.Module):
             else:
                 cache = [LayerCache(self.block_size) for _ in self.h] if kv_cache else None
                 logits = self(idx[:, start:], kv_cache=cache)
-            idx_next = pick_next(logits[:, -1, :], temperature, top_k)
+            idx_next = pick_next(logits[:, -1, :], temperature, top_k, generator)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
