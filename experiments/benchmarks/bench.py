@@ -116,32 +116,64 @@ def plain_step_ms(overrides: list[str], steps: int, tmp: Path, device: str
     return step_ms(times)
 
 
-def generation_tok_s(kv_cache: bool, window: str, new_tokens: int, device: str,
-                     repeats: int) -> float:
-    """Median tokens/s of `repeats` generations of `new_tokens` from a one-token prompt."""
+def interleaved(overrides: list[str], steps: int, tmp: Path, device: str, rounds: int
+                ) -> list[list[dict[str, float]]]:
+    """Step times of the plain loop, gptlab and gptlab without MLflow, `rounds` of each,
+    taken in turn with the order rotating, so that the drifts in speed of a shared machine
+    fall on all three alike."""
+    paths = [lambda: plain_step_ms(overrides, steps, tmp, device),
+             lambda: gptlab_step_ms(overrides, steps, True, tmp),
+             lambda: gptlab_step_ms(overrides, steps, False, tmp)]
+    timings: list[list[dict[str, float]]] = [[{} for _ in range(rounds)] for _ in paths]
+    for r in range(rounds):
+        for i in range(len(paths)):
+            k = (i + r) % len(paths)
+            timings[k][r] = paths[k]()
+    return timings
+
+
+def training_row(name: str, steps: int, tokens: int, timings: list[list[dict[str, float]]]
+                 ) -> dict:
+    """Medians over the rounds; the overheads are medians of each round's own ratios, which
+    compare timings taken minutes apart at most."""
+    plain, gptlab, no_mlflow = timings
+    row: dict = {"recipe": name, "steps": steps, "rounds": len(plain)}
+    for stat in ("median", "mean"):
+        p, g, n = (statistics.median(t[stat] for t in ts) for ts in timings)
+        row[stat] = {
+            "plain_ms": round(p, 3), "gptlab_ms": round(g, 3), "gptlab_no_mlflow_ms": round(n, 3),
+            "plain_tok_s": round(1000 * tokens / p), "gptlab_tok_s": round(1000 * tokens / g),
+            "overhead_pct": round(100 * statistics.median(
+                b[stat] / a[stat] - 1 for a, b in zip(plain, gptlab, strict=True)), 1),
+            "mlflow_cost_pct": round(100 * statistics.median(
+                b[stat] / a[stat] - 1 for a, b in zip(no_mlflow, gptlab, strict=True)), 1),
+        }
+    return row
+
+
+def generation(new_tokens: int, device: str, rounds: int) -> dict:
+    """Tokens/s generating `new_tokens` from a one-token prompt with a `shakespeare_char`-sized
+    GPT, with the KV cache and recomputing the context, under each window policy
+    (GPT.generate): the median of `rounds` timings taken in turn."""
     from gptlab.models.gpt import GPT
 
     torch.manual_seed(0)
     model = GPT(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384).to(device).eval()
     idx = torch.zeros(1, 1, dtype=torch.long, device=device)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(idx, new_tokens, kv_cache=kv_cache, window=window)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        rates.append(new_tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
-
-
-def generation(new_tokens: int, device: str, repeats: int) -> dict:
-    """KV cache against recomputing the context, under each window policy (GPT.generate)."""
-    out: dict = {"new_tokens": new_tokens, "block_size": 256, "repeats": repeats}
+    configs = [(window, kv) for window in WINDOWS for kv in (True, False)]
+    rates: dict[tuple[str, bool], list[float]] = {c: [] for c in configs}
+    for _ in range(rounds):
+        for window, kv in configs:
+            start = time.perf_counter()
+            model.generate(idx, new_tokens, kv_cache=kv, window=window)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rates[window, kv].append(new_tokens / (time.perf_counter() - start))
+    out: dict = {"new_tokens": new_tokens, "block_size": 256, "rounds": rounds}
     for window in WINDOWS:
-        row = {f"{name}_tok_s": round(generation_tok_s(kv, window, new_tokens, device, repeats), 1)
-               for name, kv in (("kv_cache", True), ("no_cache", False))}
-        row["speedup"] = round(row["kv_cache_tok_s"] / row["no_cache_tok_s"], 2)
-        out[window] = row
+        cached, plain = (statistics.median(rates[window, kv]) for kv in (True, False))
+        out[window] = {"kv_cache_tok_s": round(cached, 1), "no_cache_tok_s": round(plain, 1),
+                       "speedup": round(cached / plain, 2)}
     return out
 
 
@@ -150,7 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="a few steps only (for tests)")
     ap.add_argument("--out", default="experiments/benchmarks/results.json")
     ap.add_argument("--recipes", nargs="*", default=None, help="subset of " + ", ".join(RECIPES))
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="timings per path, interleaved; the median is reported")
     args = ap.parse_args(argv)
+    rounds = 1 if args.smoke else args.rounds
     device = "cuda" if torch.cuda.is_available() else "cpu"
     names = args.recipes or [r for r in RECIPES if device == "cuda" or r != "shakespeare_char"]
     rows = []
@@ -161,24 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
             if device == "cpu":
                 overrides = [*overrides, "trainer=cpu"]
             steps = WARMUP + 5 if args.smoke else steps
-            plain = plain_step_ms(overrides, steps, tmp, device)
-            with_mlflow = gptlab_step_ms(overrides, steps, True, tmp)
-            without = gptlab_step_ms(overrides, steps, False, tmp)
+            timings = interleaved(overrides, steps, tmp, device, rounds)
             cfg = compose_cfg(overrides, tmp, tmp)
-            tokens = cfg.data.batch_size * cfg.data.block_size
-            row = {"recipe": name, "steps": steps}
-            for stat in ("median", "mean"):
-                p, g, n = plain[stat], with_mlflow[stat], without[stat]
-                row[stat] = {
-                    "plain_ms": round(p, 3), "gptlab_ms": round(g, 3),
-                    "gptlab_no_mlflow_ms": round(n, 3),
-                    "plain_tok_s": round(1000 * tokens / p),
-                    "gptlab_tok_s": round(1000 * tokens / g),
-                    "overhead_pct": round(100 * (g / p - 1), 1),
-                    "mlflow_cost_pct": round(100 * (g / n - 1), 1),
-                }
-            rows.append(row)
-    gen = generation(20 if args.smoke else 500, device, 1 if args.smoke else 3)
+            rows.append(training_row(name, steps, cfg.data.batch_size * cfg.data.block_size,
+                                     timings))
+    gen = generation(20 if args.smoke else 500, device, rounds)
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     result = {
         "machine": {"device": torch.cuda.get_device_name() if device == "cuda" else cpu,

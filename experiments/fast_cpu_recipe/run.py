@@ -1,12 +1,13 @@
-"""Does a shorter, hotter schedule reach the CPU recipe's loss in 60% of its wall time?
+"""Does a faster CPU recipe reach val loss 1.88 in at most 60% of the CPU recipe's wall time?
 
 Trains `experiment=shakespeare_char_cpu` (nanoGPT's CPU recipe) and
 `experiment=shakespeare_char_cpu_fast` one after the other on this machine, then reports for
 each the final val/loss, the training wall time and the time at which val/loss first reached
-the target (by default the recipe's own final val/loss), and plots both curves against time.
+the target (by default 1.88, nanoGPT's published figure for its recipe), as a share of the
+recipe's wall time, and plots both curves against time.
 
     python experiments/fast_cpu_recipe/run.py
-    python experiments/fast_cpu_recipe/run.py --target 1.88
+    python experiments/fast_cpu_recipe/run.py --target 1.9175
 """
 
 from __future__ import annotations
@@ -42,19 +43,21 @@ def curve(client: MlflowClient, run_id: str) -> list[tuple[int, float, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", type=float, default=None,
-                    help="val/loss to reach (default: the recipe's final val/loss)")
+    ap.add_argument("--target", type=float, default=1.88, help="val/loss to reach")
     args = ap.parse_args()
     client = tracking.connect()
     curves = {recipe: curve(client, train(recipe)) for recipe in RECIPES}
-    target = args.target or curves[RECIPES[0]][-1][2]
+    target = args.target
+    recipe_time = curves[RECIPES[0]][-1][1]
     lines = [f"target val/loss {target:.4f}", "",
-             "| recipe | steps | final val/loss | wall time (s) | time to target (s) |",
-             "|---|---|---|---|---|"]
+             "| recipe | steps | final val/loss | wall time (s) | time to target (s) "
+             "| share of the recipe's wall time |",
+             "|---|---|---|---|---|---|"]
     for recipe, points in curves.items():
         reached = next((t for _, t, v in points if v <= target), None)
+        share = "" if reached is None else f"{100 * reached / recipe_time:.0f}%"
         lines.append(f"| {recipe} | {points[-1][0]} | {points[-1][2]:.4f} | {points[-1][1]:.0f} "
-                     f"| {'not reached' if reached is None else f'{reached:.0f}'} |")
+                     f"| {'not reached' if reached is None else f'{reached:.0f}'} | {share} |")
     table = "\n".join(lines)
     print(table)
     (HERE / "results.md").write_text(table + "\n")
