@@ -47,6 +47,13 @@ class Background:
         for f in pending:
             f.result()
 
+    def close(self) -> None:
+        """Drain, then let the worker thread go."""
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown()
+
 
 class MLflowRunLogger(Logger):
     """Lightning logger writing to one existing MLflow run.
@@ -54,9 +61,8 @@ class MLflowRunLogger(Logger):
     Metrics are buffered and sent in batches by the run's background worker: before every
     checkpoint (so at each validation), every `flush_secs` seconds so the UI follows a live
     run, and at the end; a training step never waits on the store. Every metric is recorded
-    at the trainer's
-    global step, the number of optimizer updates made so far, whether it comes from
-    training or validation (Lightning's own step count lags by one).
+    at the trainer's global step, the number of optimizer updates made so far, whether it
+    comes from training or validation (Lightning's own step count lags by one).
     """
 
     def __init__(self, client: MlflowClient, run_id: str, background: Background,
@@ -129,9 +135,9 @@ class SampleText(pl.Callback):
     validation: training goes on meanwhile, and its random state is not touched."""
 
     def __init__(self, client: MlflowClient | None, run_id: str | None, chars: str,
-                 prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int = 1337, window: str = "half",
-                 background: Background | None = None):
+                 background: Background, prompt: str = "\n", max_new_tokens: int = 200,
+                 temperature: float = 1.0, top_k: int | None = None, seed: int = 1337,
+                 window: str = "half"):
         self.client, self.run_id, self.chars = client, run_id, chars
         self.background = background
         self.prompt = prompt if all(ch in chars for ch in prompt) and prompt else chars[0]
@@ -151,9 +157,6 @@ class SampleText(pl.Callback):
         if trainer.sanity_checking or self.client is None:
             return
         name = f"samples/step_{trainer.global_step:06d}.txt"
-        if self.background is None:
-            self.client.log_text(self.run_id, self.sample(pl_module.model), name)
-            return
         if self._copy is None:
             self._copy = copy.deepcopy(pl_module.model)
             self._copy._compiled_call_impl = None  # a compiled copy would call the original
@@ -192,8 +195,8 @@ class CheckpointToRun(pl.Callback):
     """
 
     def __init__(self, dirpath: Path, client: MlflowClient | None, run_id: str | None,
-                 logger: MLflowRunLogger | None = None, every_n_steps: int | None = None,
-                 keep: int = 2, background: Background | None = None):
+                 background: Background, logger: MLflowRunLogger | None = None,
+                 every_n_steps: int | None = None, keep: int = 2):
         self.dirpath, self.client, self.run_id = Path(dirpath), client, run_id
         self.logger, self.every_n_steps, self.keep = logger, every_n_steps, keep
         self.background = background
@@ -235,10 +238,7 @@ class CheckpointToRun(pl.Callback):
         path = self.dirpath / step_checkpoint_name(step)
         save_checkpoint_atomic(trainer, path)  # now: the state is this step's
         self._saved_step = step
-        if self.background is None:
-            self._record(path, improved)
-        else:
-            self.background.submit(self._record, path, improved)
+        self.background.submit(self._record, path, improved)
 
     def _record(self, path: Path, improved: bool) -> None:
         """Log a written checkpoint (and best.ckpt), then drop the ones before the newest

@@ -259,15 +259,16 @@ def train(cfg: DictConfig) -> float:
                                {"vocab_size": dm.vocab_size, "n_params": n_params})
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    # MLflow calls during training go to one worker thread, in order, off the training path
-    background = callbacks.Background() if client else None
+    # recording (MLflow calls, samples, checkpoint files past the newest) goes to one worker
+    # thread, in order, off the training path
+    background = callbacks.Background()
     logger = (callbacks.MLflowRunLogger(client, run_id, background, recorded=recorded)
               if client else None)
-    sampler = callbacks.SampleText(client, run_id, dm.tokenizer.chars, **cfg.callbacks.sample,
-                                   background=background)
+    sampler = callbacks.SampleText(client, run_id, dm.tokenizer.chars, background,
+                                   **cfg.callbacks.sample)
     checkpoints = callbacks.CheckpointToRun(
-        out_dir / "checkpoints", client, run_id, logger, cfg.checkpoint.every_n_steps,
-        background=background)
+        out_dir / "checkpoints", client, run_id, background, logger,
+        cfg.checkpoint.every_n_steps)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=logger or False, callbacks=[sampler, checkpoints]
     )
@@ -300,14 +301,15 @@ def train(cfg: DictConfig) -> float:
                               str(gptlab_cause(e) or repr(e))[:5000])
         raise
     finally:
-        if client is not None:
+        if logger is not None:
             logger.flush()
-            try:
-                background.drain()  # the run ends once everything it produced is recorded
-            except Exception:
-                status = "FAILED"
-                raise
-            finally:
+        try:
+            background.close()  # the run ends once everything it produced is recorded
+        except Exception:
+            status = "FAILED"
+            raise
+        finally:
+            if client is not None:
                 client.set_terminated(run_id, status)
     if status == "KILLED":
         print(f"gptlab: stopped at step {trainer.global_step} and checkpointed"
