@@ -52,7 +52,9 @@ def store_uri(tmp: Path) -> str:
 
 
 def cli_env(tmp: Path, corpus: Path) -> dict[str, str]:
-    env = dict(os.environ, GPTLAB_DATA=str(corpus), MLFLOW_TRACKING_URI=store_uri(tmp))
+    # tests/ on the path: test-only callbacks (interrupt.SignalAt) load in the subprocess
+    env = dict(os.environ, GPTLAB_DATA=str(corpus), MLFLOW_TRACKING_URI=store_uri(tmp),
+               PYTHONPATH=str(ROOT / "tests"))
     env.pop("HYDRA_FULL_ERROR", None)
     return env
 

@@ -8,9 +8,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY_GPT, run_cli, store_uri
 from gptlab import sample as sample_cli
-from gptlab import tracking
 from gptlab import train as train_cli
-from gptlab.callbacks import Background
+from gptlab.checkpoints import model_from_checkpoint, read_checkpoint
+from gptlab.generation import generate_text
 from gptlab.models.gpt import GPT
 
 
@@ -58,10 +58,10 @@ def test_validation_sample_is_drawn_from_that_steps_weights(trained, small_corpu
     # validation: the text must be what the step's checkpoint gives
     tmp, run_id, _ = trained
     client = MlflowClient(store_uri(tmp))
-    ckpt = tracking.read_checkpoint(Path(client.download_artifacts(
+    ckpt = read_checkpoint(Path(client.download_artifacts(
         run_id, "checkpoints/step_000010.ckpt", str(tmp / "dl"))))
-    model = tracking.model_from_checkpoint(ckpt)
-    expected = tracking.generate_text(model, ckpt["gptlab"]["vocab"], "\n", 20, 1.0, None,
+    model = model_from_checkpoint(ckpt)
+    expected = generate_text(model, ckpt["gptlab"]["vocab"], "\n", 20, 1.0, None,
                                       seed=1337)[0]
     logged = Path(client.download_artifacts(run_id, "samples/step_000010.txt", str(tmp / "dl")))
     assert logged.read_text() == expected
@@ -71,27 +71,9 @@ def test_sampling_leaves_the_global_random_state_alone():
     torch.manual_seed(0)
     model = GPT(vocab_size=3, block_size=8, n_layer=1, n_head=1, n_embd=8)
     before = torch.get_rng_state()
-    a = tracking.generate_text(model, "abc", "a", 30, 1.0, None, seed=5)
+    a = generate_text(model, "abc", "a", 30, 1.0, None, seed=5)
     assert torch.equal(torch.get_rng_state(), before)
-    assert tracking.generate_text(model, "abc", "a", 30, 1.0, None, seed=5) == a
-
-
-def test_background_work_runs_in_order_and_reports_errors():
-    background, done = Background(), []
-    for i in range(20):
-        background.submit(done.append, i)
-    background.drain()
-    assert done == list(range(20))
-
-    def fail():
-        raise RuntimeError("store unreachable")
-
-    background.submit(fail)
-    background.submit(done.append, 20)
-    with pytest.raises(RuntimeError, match="store unreachable"):
-        background.drain()
-    assert done[-1] == 20  # later work still ran
-    background.drain()  # an error is reported once
+    assert generate_text(model, "abc", "a", 30, 1.0, None, seed=5) == a
 
 
 def test_checkpoint_is_self_describing_and_safe_to_load(trained, small_corpus):

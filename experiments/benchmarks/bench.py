@@ -18,16 +18,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import hydra
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from gptlab import tracking
+from gptlab import store
 from gptlab.models import WINDOWS
-from gptlab.train import build, train
+from gptlab.models.gpt import GPT
+from gptlab.runs import Job, run_job
+from gptlab.train import build_lit, build_model, train
 
 RECIPES = {
     # name: (overrides, steps on CPU)
@@ -62,13 +64,11 @@ def step_ms(times: list[float]) -> dict[str, float]:
     return {"median": 1000 * statistics.median(deltas), "mean": 1000 * statistics.mean(deltas)}
 
 
-def compose_cfg(overrides: list[str], store: Path, out_dir: Path):
-    with initialize_config_dir(config_dir=tracking.CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+def compose_cfg(overrides: list[str], store_dir: Path):
+    with initialize_config_dir(config_dir=store.CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out_dir)
-        cfg.hydra.job.name = "bench"
-        cfg.logger.tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
+        cfg.logger.tracking_uri = f"sqlite:///{store_dir / 'mlflow.db'}"
         cfg.logger.experiment_name = "benchmarks"
     return cfg
 
@@ -79,21 +79,26 @@ def gptlab_step_ms(overrides: list[str], steps: int, logger: bool, tmp: Path
             f"trainer._target_={__name__}.timed_trainer", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "callbacks.final_sample_tokens=1",
             "callbacks.sample.max_new_tokens=1", f"logger={'mlflow' if logger else 'none'}"]
-    cfg = compose_cfg(over, tmp / "mlruns", tmp / "out")
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # a task sees its config without Hydra's own node
+    cfg = compose_cfg(over, tmp / "mlruns")
+    job = Job(cfg=cfg, overrides=over, output_dir=tmp / "out", command="bench",
+              run_name="bench")
     _timer.times.clear()
-    train(cfg)
+    outcome = run_job(job, lambda record, stop: train(job, record, stop))
+    if outcome.error is not None:
+        raise outcome.error
     return step_ms(_timer.times)
 
 
 def plain_step_ms(overrides: list[str], steps: int, tmp: Path, device: str
                   ) -> dict[str, float]:
     """The bare loop: same data module, model init, optimizer groups, schedule, clipping."""
-    cfg = compose_cfg(overrides, tmp / "mlruns", tmp / "out")
+    cfg = compose_cfg(overrides, tmp / "mlruns")
+    cfg.optim.decay_steps = cfg.optim.decay_steps or cfg.trainer.max_steps
     pl.seed_everything(cfg.seed, verbose=False)
-    dm, lit, _ = build(cfg)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup()
+    model, _, _ = build_model(cfg.model, dm.vocab_size, dm.block_size)
+    lit = build_lit(cfg, model, False, {})
     model = lit.model.to(device)
     opt_cfg = lit.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
@@ -155,8 +160,6 @@ def generation(new_tokens: int, device: str, rounds: int) -> dict:
     """Tokens/s generating `new_tokens` from a one-token prompt with a `shakespeare_char`-sized
     GPT, with the KV cache and recomputing the context, under each window policy
     (GPT.generate): the median of `rounds` timings taken in turn."""
-    from gptlab.models.gpt import GPT
-
     torch.manual_seed(0)
     model = GPT(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384).to(device).eval()
     idx = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                 overrides = [*overrides, "trainer=cpu"]
             steps = WARMUP + 5 if args.smoke else steps
             timings = interleaved(overrides, steps, tmp, device, rounds)
-            cfg = compose_cfg(overrides, tmp, tmp)
+            cfg = compose_cfg(overrides, tmp)
             rows.append(training_row(name, steps, cfg.data.batch_size * cfg.data.block_size,
                                      timings))
     gen = generation(20 if args.smoke else 500, device, rounds)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from gptlab import tracking
+from gptlab import store
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENT = "fast_cpu_recipe"
@@ -45,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", type=float, default=1.88, help="val/loss to reach")
     args = ap.parse_args()
-    client = tracking.connect()
+    client = store.connect()
     curves = {recipe: curve(client, train(recipe)) for recipe in RECIPES}
     target = args.target
     recipe_time = curves[RECIPES[0]][-1][1]

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from gptlab import tracking
+from gptlab import store
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENT = "lecture_progression"
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None and args.steps <= 0:
         p.error("--steps must be positive")
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    uri = store.resolve_tracking_uri(args.tracking_uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per sample
     failed = []
     if not args.report_only:
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not run_stage(stage, overrides, uri, Path(workdir), args.threads):
                     failed.append(stage)
 
-    results = collect(tracking.connect(uri))
+    results = collect(store.connect(uri))
     if not results:
         print(f"no finished runs in experiment {EXPERIMENT!r} of {uri}")
         return 1

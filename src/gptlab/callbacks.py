@@ -1,149 +1,53 @@
-"""Lightning's side of tracking: the MLflow logger, the sample and the checkpoint callbacks."""
+"""gptlab's Lightning callbacks: the sample logged at each validation, and the run's
+checkpoints (taken by the step schedule and when a stop is asked for).
+
+Why not Lightning's ModelCheckpoint: a checkpoint here must reach the MLflow run only after
+the metrics of the steps before it (so a killed and resumed run records every step once), be
+pruned inside the run (newest `keep` plus the best), and be written whole or not at all;
+ModelCheckpoint saves into a folder and prunes there.
+"""
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
-import signal
-import sys
-import threading
-import time
-from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from mlflow.entities import Metric
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
-from pytorch_lightning.loggers.logger import Logger, rank_zero_experiment
-from pytorch_lightning.utilities import rank_zero_only
 
-from gptlab.tracking import generate_text
-
-MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
-
-
-class Background:
-    """One worker thread for a run's records: training hands over the MLflow calls (metrics,
-    samples, checkpoints) and goes on. The work is done in the order it was given, so a
-    checkpoint is never logged ahead of the metrics before it. `drain` waits for all of it
-    and raises the first error."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptlab-records")
-        self._pending: list[Future] = []
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        # finished work is forgotten unless it failed: drain reports that
-        self._pending = [f for f in self._pending if not f.done() or f.exception()]
-        self._pending.append(self._pool.submit(fn, *args))
-
-    def drain(self) -> None:
-        pending, self._pending = self._pending, []
-        for f in pending:
-            f.result()
-
-    def close(self) -> None:
-        """Drain, then let the worker thread go."""
-        try:
-            self.drain()
-        finally:
-            self._pool.shutdown()
-
-
-class MLflowRunLogger(Logger):
-    """Lightning logger writing to one existing MLflow run.
-
-    Metrics are buffered and sent in batches by the run's background worker: before every
-    checkpoint (so at each validation), every `flush_secs` seconds so the UI follows a live
-    run, and at the end; a training step never waits on the store. Every metric is recorded
-    at the trainer's global step, the number of optimizer updates made so far, whether it
-    comes from training or validation (Lightning's own step count lags by one).
-    """
-
-    def __init__(self, client: MlflowClient, run_id: str, background: Background,
-                 flush_every: int = 1000, flush_secs: float = 15.0,
-                 recorded: Mapping[str, int] | None = None):
-        super().__init__()
-        self.client, self.run_id, self.background = client, run_id, background
-        self.flush_every, self.flush_secs = flush_every, flush_secs
-        self._buffer: list[Metric] = []
-        self._flushed_at = time.monotonic()
-        # on resume: the last step already recorded per metric, so a step computed again
-        # after restarting from an older checkpoint is not recorded twice
-        self.recorded = dict(recorded or {})
-        self.trainer: pl.Trainer | None = None  # set by the caller once the trainer exists
-
-    @property
-    def name(self) -> str:
-        return "mlflow"
-
-    @property
-    def version(self) -> str:
-        return self.run_id
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> MlflowClient:
-        return self.client
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any) -> None:
-        pass  # the full resolved config is logged as params when the run starts
-
-    @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        ts = int(time.time() * 1000)
-        if self.trainer is not None:
-            step = self.trainer.global_step
-        step = step or 0
-        for k, v in metrics.items():
-            if k == "epoch" or step <= self.recorded.get(k, -1):
-                continue
-            self._buffer.append(Metric(k, float(v), ts, step))
-        if (len(self._buffer) >= self.flush_every
-                or time.monotonic() - self._flushed_at >= self.flush_secs):
-            self.flush()
-
-    def flush(self) -> None:
-        self._flushed_at = time.monotonic()
-        metrics, self._buffer = self._buffer, []
-        if metrics:
-            self.background.submit(self._send, metrics)
-
-    def _send(self, metrics: list[Metric]) -> None:
-        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
-
-    @rank_zero_only
-    def save(self) -> None:
-        pass  # Lightning calls this after every log_metrics: flushing here would undo the batching
-
-    @rank_zero_only
-    def finalize(self, status: str) -> None:
-        self.flush()
+from gptlab import checkpoints, store
+from gptlab.generation import generate_text
+from gptlab.models import build_model
+from gptlab.recorder import Record, Recorder, RunLogger
+from gptlab.schedule import Steps
+from gptlab.signals import StopSignals
 
 
 class SampleText(pl.Callback):
-    """Logs a generated sample at every validation, so the UI shows the text improving.
+    """Logs a generated sample at every validation (samples/step_NNNNNN.txt), so the UI
+    shows the text improving.
 
-    The sample is drawn by the background worker from a copy of the weights taken at the
-    validation: training goes on meanwhile, and its random state is not touched."""
+    The sample is drawn on a thread of its own from a copy of the weights taken at the
+    validation, with a generator of its own: training goes on meanwhile, its random state
+    untouched."""
 
-    def __init__(self, client: MlflowClient | None, run_id: str | None, chars: str,
-                 background: Background, prompt: str = "\n", max_new_tokens: int = 200,
+    def __init__(self, recorder: Recorder | None, chars: str, model_class: str,
+                 model_kwargs: dict[str, Any], prompt: str = "\n", max_new_tokens: int = 200,
                  temperature: float = 1.0, top_k: int | None = None, seed: int = 1337,
                  window: str = "half"):
-        self.client, self.run_id, self.chars = client, run_id, chars
-        self.background = background
-        self.prompt = prompt if all(ch in chars for ch in prompt) and prompt else chars[0]
+        self.recorder, self.chars = recorder, chars
+        self.model_class, self.model_kwargs = model_class, model_kwargs
+        # a prompt the vocabulary cannot encode falls back to its first character
+        self.prompt = prompt if prompt and all(ch in chars for ch in prompt) else chars[0]
         self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        seed=seed, window=window)
-        self._copy: torch.nn.Module | None = None  # the worker's model, built once
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._copy: torch.nn.Module | None = None
 
     def sample(self, model: torch.nn.Module, max_new_tokens: int | None = None) -> str:
         kw = dict(self.kw)
@@ -152,149 +56,152 @@ class SampleText(pl.Callback):
         device = next(model.parameters()).device
         return generate_text(model, self.chars, self.prompt, device=device, **kw)[0]
 
-    @rank_zero_only
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._copy is None:
+            # building a model initialises its weights from the global generator: on this
+            # thread, with the generator's state put back, so that training's stream of random
+            # numbers is the same whenever (and whether) samples are drawn
+            with torch.random.fork_rng(devices=[]):
+                self._copy = build_model(self.model_class, dict(self.model_kwargs))
+
+    @pl.utilities.rank_zero_only
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.client is None:
+        if trainer.sanity_checking or self.recorder is None:
             return
         name = f"samples/step_{trainer.global_step:06d}.txt"
-        if self._copy is None:
-            self._copy = copy.deepcopy(pl_module.model)
-            self._copy._compiled_call_impl = None  # a compiled copy would call the original
         weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
-        self.background.submit(self._sample_and_log, weights, name)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptlab-sample")
+        self._pending = [f for f in self._pending if not f.done() or f.exception()]
+        self._pending.append(self._pool.submit(self._sample_and_log, weights, name))
 
     def _sample_and_log(self, weights: dict[str, torch.Tensor], name: str) -> None:
-        # the copy was made inside validation's inference mode, which is per thread
+        self._copy.to(next(iter(weights.values())).device)
         with torch.inference_mode():
             self._copy.load_state_dict(weights)
             text = self.sample(self._copy)
-        self.client.log_text(self.run_id, text, name)
+        self.recorder.submit("text", text, name)
+
+    def close(self) -> None:
+        """Wait for the samples under way and raise the first failure."""
+        pending, self._pending = self._pending, []
+        try:
+            for f in pending:
+                f.result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
 
 
-def save_checkpoint_atomic(trainer: pl.Trainer, path: Path) -> None:
-    """Write to a temporary name and rename, so the file at `path` is always complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp, weights_only=False)
-    os.replace(tmp, path)
+class RunCheckpoints(pl.Callback):
+    """Takes the run's checkpoints, by its step schedule and when a stop is asked for.
 
-
-def step_checkpoint_name(step: int) -> str:
-    return f"step_{step:06d}.ckpt"
-
-
-class CheckpointToRun(pl.Callback):
-    """Checkpoints at each validation, every `every_n_steps` steps, and when SIGINT or SIGTERM
-    asks training to stop; then training stops at that step.
-
-    Each checkpoint is written atomically as `step_NNNNNN.ckpt`, then the background worker
-    logs it to the run under checkpoints/, where the newest `keep` are kept (an older one
-    survives a kill in the middle of logging the newest), plus `best.ckpt` by val/loss.
-    Buffered metrics are handed over first, so the run's records never lag behind its
-    newest logged checkpoint.
+    A checkpoint is taken after each validation, every `checkpoint.every_n_steps` steps, and
+    at the end of the step during which SIGINT or SIGTERM arrived (on a validation step, after
+    that validation); then training stops. Each is written whole to `dirpath` as
+    `step_NNNNNN.ckpt`, then handed to the recorder, which logs it to the run under
+    checkpoints/ after the metrics before it and keeps the newest `keep` there (an older one
+    survives a kill in the middle of logging the newest), plus `best.ckpt` by val/loss. At
+    most one checkpoint waits to be logged: the next one waits for it while the store
+    answers, and replaces it while the store is away.
     """
 
-    def __init__(self, dirpath: Path, client: MlflowClient | None, run_id: str | None,
-                 background: Background, logger: MLflowRunLogger | None = None,
-                 every_n_steps: int | None = None, keep: int = 2):
-        self.dirpath, self.client, self.run_id = Path(dirpath), client, run_id
-        self.logger, self.every_n_steps, self.keep = logger, every_n_steps, keep
-        self.background = background
+    def __init__(self, dirpath: Path, steps: Steps, stop: StopSignals,
+                 recorder: Recorder | None = None, logger: RunLogger | None = None,
+                 keep: int = 2):
+        self.dirpath, self.steps, self.stop = Path(dirpath), steps, stop
+        self.recorder, self.logger, self.keep = recorder, logger, keep
         self.best: float | None = None
-        self.stop_signal: int | None = None
+        self.best_step: int | None = None
         self._saved_step: int | None = None
-        self._previous_handlers: dict[int, Any] = {}
-        self._artifacts = None  # the run's artifact repository, opened at the first prune
+        self._pending: tuple[Record, Path] | None = None
 
-    # -- stop signals ------------------------------------------------------------------------
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.stop_signal is not None:  # asked twice: stop now
-            raise KeyboardInterrupt
-        self.stop_signal = signum
-        print(f"\ngptlab: {signal.Signals(signum).name} received, checkpointing and stopping "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
-
+    # Lightning's own SIGTERM handler is installed when fit or validate starts: see signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # installed here, after Lightning's own SIGTERM handler, so ours decides what happens
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        self.stop.install()
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers.clear()
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self.stop.install()
 
-    # -- saving ------------------------------------------------------------------------------
-    def save(self, trainer: pl.Trainer, val_loss: float | None = None) -> None:
+    @pl.utilities.rank_zero_only
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.recorder is not None:
+            self.recorder.check()
         step = trainer.global_step
+        if self.steps.validates(step):
+            return  # saved (and stopped, if asked) after the validation
+        if self.stop.requested or self.steps.checkpoints(step):
+            self.save(trainer)
+        self.stop.check()
+
+    @pl.utilities.rank_zero_only
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        val = trainer.callback_metrics.get("val/loss")
+        self.save(trainer, None if val is None else float(val))
+        self.stop.check()
+
+    def save(self, trainer: pl.Trainer, val_loss: float | None = None) -> Path:
+        step = trainer.global_step
+        path = self.dirpath / checkpoints.step_name(step)
         improved = val_loss is not None and (self.best is None or val_loss < self.best)
         if improved:
-            self.best = val_loss
+            self.best, self.best_step = val_loss, step
         if self._saved_step == step and not improved:
-            return
+            return path
         if self.logger is not None:
-            self.logger.flush()
-        path = self.dirpath / step_checkpoint_name(step)
-        save_checkpoint_atomic(trainer, path)  # now: the state is this step's
+            self.logger.flush()  # the metrics before this checkpoint are recorded first
+        checkpoints.save_atomic(trainer, path)
         self._saved_step = step
-        self.background.submit(self._record, path, improved)
-
-    def _record(self, path: Path, improved: bool) -> None:
-        """Log a written checkpoint (and best.ckpt), then drop the ones before the newest
-        `keep`; files written after `path` are not touched, their logging is still to come."""
-        self._log(path)
         if improved:
             best = self.dirpath / "best.ckpt"
             tmp = best.with_name(".best.ckpt.tmp")
             shutil.copyfile(path, tmp)
             os.replace(tmp, best)
-            self._log(best)
-        for old in sorted(p for p in self.dirpath.glob("step_*.ckpt")
-                          if p.name <= path.name)[:-self.keep]:
-            old.unlink(missing_ok=True)
-        if self.client is not None:
-            if self._artifacts is None:
-                self._artifacts = get_artifact_repository(
-                    self.client.get_run(self.run_id).info.artifact_uri)
-            logged = sorted(Path(f.path).name for f in self.client.list_artifacts(
-                self.run_id, "checkpoints") if Path(f.path).name.startswith("step_"))
-            for name in logged[:-self.keep]:
-                self._artifacts.delete_artifacts(f"checkpoints/{name}")
+        if self.recorder is not None:
+            self._hand_over(path, improved)
+        self._prune_local()
+        return path
 
-    def _log(self, path: Path) -> None:
-        if self.client is not None:
-            self.client.log_artifact(self.run_id, str(path), "checkpoints")
+    def _hand_over(self, path: Path, improved: bool) -> None:
+        if self._pending is not None:
+            record, older = self._pending
+            if self.recorder.in_outage and self.recorder.cancel(record):
+                pass  # superseded: the store gets the newest when it is back
+            else:
+                record.done.wait()
+        self._pending = (self.recorder.submit("call", self._publish, path, improved), path)
 
-    @rank_zero_only
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
-        # the periodic checkpoint of step N is taken here, as step N+1 begins, because
-        # Lightning hands step N's metrics to the logger only after on_train_batch_end: saved
-        # any earlier, a kill could leave a checkpoint ahead of the recorded metrics
-        step = trainer.global_step
-        if (self.every_n_steps and step and step % self.every_n_steps == 0
-                and step % trainer.val_check_batch != 0):  # validation steps save after val
-            self.save(trainer)
+    def _publish(self, path: Path, improved: bool) -> None:
+        """On the recorder's thread: log a checkpoint, then drop the logged step checkpoints
+        before the newest `keep`."""
+        client: MlflowClient = self.recorder.client
+        run_id = self.recorder.run_id
+        if path.exists():
+            client.log_artifact(run_id, str(path), "checkpoints")
+        best = self.dirpath / "best.ckpt"
+        if improved and best.exists():
+            client.log_artifact(run_id, str(best), "checkpoints")
+        names = checkpoints.step_names(store.artifact_names(client, run_id, "checkpoints"))
+        if names[:-self.keep]:
+            run = client.get_run(run_id)
+            for name in names[:-self.keep]:
+                store.delete_artifact(client, run, f"checkpoints/{name}")
 
-    @rank_zero_only
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.stop_signal is not None:
-            # a graceful stop: the loop ends after this step and the run's final flush
-            # records its metrics, so the checkpoint can be taken now
-            self.save(trainer)
-            trainer.should_stop = True
-
-    @rank_zero_only
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        val = trainer.callback_metrics.get("val/loss")
-        self.save(trainer, None if val is None else float(val))
+    def _prune_local(self) -> None:
+        names = checkpoints.step_names([p.name for p in self.dirpath.glob("step_*.ckpt")])
+        pending = self._pending[1].name if self._pending else None
+        for name in names[:-self.keep]:
+            if name != pending:
+                (self.dirpath / name).unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
+        return {"best": self.best, "best_step": self.best_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = state_dict.get("best")
+        self.best_step = state_dict.get("best_step")

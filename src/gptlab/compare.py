@@ -12,30 +12,23 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from gptlab import tracking
-from gptlab.errors import GptlabError, report_errors
+from gptlab import store
+from gptlab.errors import GptlabError, exit_on_error
 
 # params that say where or how a run was recorded, not what it trained
 _NOT_COMPARED = ("logger.", "hydra.", "callbacks.", "trainer.enable_", "resume",
                  "checkpoint.", "data.path", "data.cache_dir")
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        known = ", ".join(e.name for e in client.search_experiments()) or "none"
-        raise GptlabError(f"no MLflow experiment named {name!r} (experiments: {known})")
-    return exp.experiment_id
-
-
 def select_runs(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[list[Run], str]:
     """The runs to compare and a title for them."""
-    exp_id = experiment_id(client, experiment)
+    exp_id = store.experiment_id(client, experiment)
     if sweep is None:
         # filtered here: MLflow's `!=` on a tag also drops the runs without that tag
         runs = [r for r in client.search_runs([exp_id], max_results=1000)
@@ -49,7 +42,7 @@ def select_runs(client: MlflowClient, experiment: str, sweep: str | None) -> tup
                 raise GptlabError(f"experiment {experiment!r} has no sweep")
             parent = parents[0]
         else:
-            parent = tracking.find_run(client, sweep, experiment)
+            parent = store.get_run(client, sweep)
             exp_id = parent.info.experiment_id
         runs = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
                                   max_results=1000)
@@ -124,9 +117,32 @@ def plot(rows: Sequence[dict[str, Any]], title: str, path: str) -> None:
     plt.close(fig)
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def check_plot_path(path: str) -> None:
+    """Refuse a plot that cannot be written before anything is printed."""
+    target = Path(path)
+    if target.suffix.lower() not in PLOT_FORMATS:
+        raise GptlabError(f"--plot {path}: the file name must end in one of "
+                          f"{', '.join(PLOT_FORMATS)}")
+    if not target.parent.is_dir():
+        raise GptlabError(f"--plot {path}: folder {target.parent} does not exist")
+    existed = target.exists()
+    try:
+        with open(target, "ab"):
+            pass
+    except OSError as e:
+        raise GptlabError(f"--plot {path}: cannot write there ({e.strerror})") from None
+    if not existed:
+        target.unlink()
+
+
 def compare(experiment: str, sweep: str | None = None, plot_path: str | None = None,
             tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    client = tracking.connect(tracking_uri)
+    if plot_path:
+        check_plot_path(plot_path)
+    client = store.connect(tracking_uri)
     runs, title = select_runs(client, experiment, sweep)
     keys = differing_params(runs)
     rows = sorted((summarize(client, r, keys) for r in runs),
@@ -139,7 +155,7 @@ def compare(experiment: str, sweep: str | None = None, plot_path: str | None = N
     return rows
 
 
-@report_errors
+@exit_on_error
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="gptlab-compare", description=__doc__.split("\n\n")[0],

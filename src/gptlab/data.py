@@ -108,6 +108,8 @@ def read_text(path: Path) -> str:
         raise GptlabError(
             f"corpus is not UTF-8 text: {path} ({e.reason} at byte {e.start})"
         ) from None
+    except OSError as e:
+        raise GptlabError(f"cannot read the corpus {path}: {e.strerror}") from None
 
 
 def get_batch(

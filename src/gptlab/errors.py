@@ -1,38 +1,139 @@
-"""The one exception type that the command-line tools turn into a one-line message."""
+"""The exceptions gptlab raises on purpose, and how the console scripts turn any failure into
+one line on stderr and an exit code. Only `exit_on_error` ends the process."""
+
+from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, NoReturn
 
-T = TypeVar("T")
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf.errors import OmegaConfBaseException
+
+# exit codes: bad input or an unusable record; an unexpected failure; a stop signal adds 128
+BAD_INPUT, UNEXPECTED = 2, 1
 
 
 class GptlabError(Exception):
     """Bad input or an unusable record: reported as `error: <message>` with exit code 2."""
 
 
-def gptlab_cause(e: BaseException) -> GptlabError | None:
+class StopRequested(Exception):  # noqa: N818 - a request, not an error
+    """A stop signal (SIGINT, SIGTERM) reached the run at a point where it could stop cleanly:
+    the run ends KILLED, resumable from its newest checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def gptlab_cause(e: BaseException | None) -> GptlabError | None:
     """The GptlabError behind `e`, also when a library (Hydra's instantiate) wrapped it."""
-    while e is not None:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
         if isinstance(e, GptlabError):
             return e
+        seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
 
 
-def report_errors(fn: Callable[..., T]) -> Callable[..., T]:
-    """Bad input ends in one line on stderr and exit code 2, not a traceback."""
+def first_line(e: BaseException) -> str:
+    """A library's exception as one line of an error message."""
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def describe(e: BaseException) -> str:
+    """What went wrong, in one line, for the console and for a run's `gptlab.error` tag."""
+    cause = gptlab_cause(e)
+    if cause is not None:
+        return str(cause)
+    if isinstance(e, StopRequested):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    if isinstance(e, OverrideParseException | MissingConfigException | HydraException):
+        return hydra_message(e)
+    if isinstance(e, OmegaConfBaseException):
+        return f"bad config: {first_line(e)}"
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
+def hydra_message(e: BaseException) -> str:
+    """Hydra's multi-line reports of a bad command line, as one line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if isinstance(e, MissingConfigException) or "Available options" in str(e):
+        options = [ln for ln in lines[1:] if not ln.endswith(":") and "provider=" not in ln
+                   and not ln.startswith(("Config search path", "Available options"))]
+        head = lines[0].removeprefix("In 'train': ").removeprefix("In 'sample': ")
+        return f"{head}" + (f" (choices: {', '.join(options)})" if options else "")
+    message = lines[0]
+    if len(lines) > 1 and lines[1].startswith("To append"):
+        message += f" ({lines[1][0].lower()}{lines[1][1:]})"
+    cause = e.__cause__
+    if isinstance(cause, OmegaConfBaseException) and "full_key" not in message:
+        message += f": {first_line(cause)}"
+    return message
+
+
+def exit_code(e: BaseException) -> int:
+    if isinstance(e, StopRequested):
+        return 128 + e.signum
+    if isinstance(e, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    expected = (gptlab_cause(e) is not None
+                or isinstance(e, OSError | HydraException | OmegaConfBaseException))
+    return BAD_INPUT if expected else UNEXPECTED
+
+
+def report(e: BaseException, prefix: str = "error: ", log_file: Path | None = None) -> None:
+    """Print one line for `e`; an unexpected failure (a bug) also shows its traceback, after
+    saving it to `log_file` when there is one."""
+    if exit_code(e) == UNEXPECTED:
+        text = "".join(traceback.format_exception(e))
+        if log_file is not None:
+            try:
+                with open(log_file, "a", encoding="utf-8") as f:
+                    f.write(text)
+            except OSError:
+                pass
+        sys.stderr.write(text)
+    if not isinstance(e, KeyboardInterrupt | StopRequested):
+        print(f"{prefix}{describe(e)}", file=sys.stderr, flush=True)
+
+
+def exit_on_error(fn: Callable[..., Any]) -> Callable[..., NoReturn]:
+    """Wrap a console script: its result is an exit code (None is 0); any exception ends in
+    one line on stderr and an exit code, not a traceback (unless it is a bug, or the user set
+    HYDRA_FULL_ERROR to see everything)."""
 
     @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> T:
+    def wrapped(*args: Any, **kwargs: Any) -> NoReturn:
+        user_wants_traces = bool(os.environ.get("HYDRA_FULL_ERROR"))
+        # Hydra prints its own multi-line report and exits 1 unless this is set; with it,
+        # Hydra's errors reach us and become one line like every other
+        os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            cause = gptlab_cause(e)
-            if cause is None:
+            code = fn(*args, **kwargs)
+        except SystemExit:
+            raise
+        except BaseException as e:  # noqa: BLE001 - every failure is reported here, once
+            if user_wants_traces and exit_code(e) != 128 + signal.SIGINT:
                 raise
-            print(f"error: {cause}", file=sys.stderr)
-            sys.exit(2)
+            report(e)
+            sys.exit(exit_code(e))
+        finally:
+            if not user_wants_traces:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+        sys.exit(code or 0)
 
     return wrapped

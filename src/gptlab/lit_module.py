@@ -1,5 +1,10 @@
 """The one LightningModule: next-token cross-entropy, AdamW and the learning-rate schedule
-around any plain `nn.Module` language model."""
+around any plain `nn.Module` language model.
+
+Every metric is recorded at the global step (the number of optimizer updates made, counting
+the one a training step makes), handed straight to the loggers: Lightning's own step count
+for logging lags by one and restarts differently after a resume.
+"""
 
 from __future__ import annotations
 
@@ -13,31 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptlab.errors import GptlabError
-
-
-class LRSchedule:
-    """Multiplier of the base lr at a step: `constant`, or linear warmup then cosine decay
-    to `min_lr` at `decay_steps` (nanoGPT's schedule). A plain object so that LambdaLR
-    saves its fields in the checkpoint."""
-
-    def __init__(self, schedule: str, lr: float, min_lr: float, warmup_steps: int,
-                 decay_steps: int):
-        if schedule not in ("constant", "cosine"):
-            raise GptlabError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
-        self.schedule, self.lr, self.min_lr = schedule, lr, min_lr
-        self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
-
-    def __call__(self, step: int) -> float:
-        if self.schedule == "constant":
-            return 1.0
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        if step >= self.decay_steps:
-            return self.min_lr / self.lr
-        ratio = (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps)
-        coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
-        return (self.min_lr + coeff * (self.lr - self.min_lr)) / self.lr
+from gptlab.schedule import LRSchedule
 
 
 class LitLM(pl.LightningModule):
@@ -54,17 +35,20 @@ class LitLM(pl.LightningModule):
         fused: bool | None = None,
         compile: bool = False,
         checkpoint_info: dict[str, Any] | None = None,
+        log_every_n_steps: int = 10,
     ):
         super().__init__()
-        if lr <= 0:
-            raise GptlabError(f"optim.lr must be positive, got {lr}")
         self.model = model
         if compile:
             model.compile()  # in place: the state dict, so the checkpoints, keep plain names
         self.lr, self.weight_decay, self.betas, self.fused = lr, weight_decay, tuple(betas), fused
-        self.schedule = LRSchedule(schedule, lr, min_lr, warmup_steps, decay_steps or 0)
+        self.min_lr, self.warmup_steps, self.schedule_name = min_lr, warmup_steps, schedule
+        # null: over the whole run (trainer.max_steps), fixed when the optimizer is made
+        self.decay_steps = decay_steps
+        self.log_every_n_steps = log_every_n_steps
         # what a checkpoint needs to rebuild the model without the config: plain values only
         self.checkpoint_info = checkpoint_info or {}
+        self.validated_step = 0  # the last step whose weights were validated
         self._val_losses: list[torch.Tensor] = []
         self._last_time: float | None = None
         self._tokens_since = 0
@@ -81,28 +65,24 @@ class LitLM(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
                       ) -> torch.Tensor:
         loss = self.loss(batch)
-        # only on the steps Lightning hands to the logger: self.log costs a fixed ~0.3 ms,
-        # as much as a whole step of a small model
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss", loss, on_step=True, prog_bar=True)
         self._tokens_since += batch[0].numel()
+        step = self.global_step + 1  # the update this step makes
+        if step % self.log_every_n_steps == 0:
+            self._log_training(step, loss, batch[0].numel())
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def _log_training(self, step: int, loss: torch.Tensor, batch_tokens: int) -> None:
         # throughput over the logging interval, so the figure is not one noisy step
-        step = self.global_step
-        if step % self.trainer.log_every_n_steps:
-            return
         now = time.perf_counter()
-        metrics = {"lr": self.optimizers().param_groups[0]["lr"],
-                   "tokens": float(step * batch[0].numel())}
+        metrics = {"train/loss": loss.item(), "lr": self.optimizers().param_groups[0]["lr"],
+                   "tokens": float(step * batch_tokens)}
         if self._last_time is not None and now > self._last_time:
             metrics["tokens_per_sec"] = self._tokens_since / (now - self._last_time)
         self._last_time, self._tokens_since = now, 0
-        # plain numbers straight to the loggers: self.log's bookkeeping is for tensors that
-        # need reducing, and costs more than a small model's step
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
+        # for the progress bar and callbacks that monitor it; the loggers have it already
+        self.log("train/loss", metrics["train/loss"], prog_bar=True, logger=False)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._val_losses.append(self.loss(batch))
@@ -110,8 +90,18 @@ class LitLM(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         val_loss = torch.stack(self._val_losses).mean()
         self._val_losses.clear()
-        self.log("val/loss", val_loss, prog_bar=True)
-        self.log("val/bpc", val_loss / math.log(2))
+        self.validated_step = self.global_step
+        if self.trainer.sanity_checking:
+            return
+        metrics = {"val/loss": val_loss.item(), "val/bpc": val_loss.item() / math.log(2)}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        self.log("val/loss", val_loss, prog_bar=True, logger=False)
+
+    def on_train_start(self) -> None:
+        # the throughput clock starts with training, so the first logged step after a start
+        # (or a resume) has its figure too
+        self._last_time, self._tokens_since = time.perf_counter(), 0
 
     def on_validation_start(self) -> None:
         self._val_started = time.perf_counter()
@@ -131,18 +121,23 @@ class LitLM(pl.LightningModule):
         # the fused kernel is the fastest on GPU; on CPU torch's default (foreach) is
         fused = self.fused if self.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        decay_steps = self.decay_steps or self.trainer.max_steps
+        schedule = LRSchedule(self.schedule_name, self.lr, self.min_lr, self.warmup_steps,
+                              decay_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gptlab"] = {**self.checkpoint_info, "step": self.global_step}
+        checkpoint["gptlab"] = {**self.checkpoint_info, "step": self.global_step,
+                                "validated_step": self.validated_step}
         # dropout draws from the global generators: a resumed run must continue their streams
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.validated_step = checkpoint.get("gptlab", {}).get("validated_step", 0)
         rng = checkpoint.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])

@@ -7,32 +7,77 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
-from gptlab import tracking
-from gptlab.errors import GptlabError, report_errors
+from gptlab import checkpoints, checks, store
+from gptlab.errors import GptlabError, exit_on_error
+from gptlab.generation import generate_text
 from gptlab.models import check_sampling_args, check_window
 
 
-def checkpoint_path(cfg: DictConfig) -> Path:
+def check_sample_config(cfg: DictConfig) -> None:
+    check_sampling_args(cfg.temperature, cfg.top_k)
+    check_window(cfg.window, 1)
+    checks.integer(cfg, "max_new_tokens", minimum=0)
+    checks.integer(cfg, "num_samples")
+    checks.integer(cfg, "seed", minimum=0)
+    if not isinstance(cfg.prompt, str):
+        raise GptlabError(f"prompt must be text, got {cfg.prompt!r}")
+    check_device(str(cfg.device))
+
+
+def check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise GptlabError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise GptlabError(f"device={device}: no CUDA device is available here (use device=cpu)")
+    if kind == "cuda" and torch.device(device).index is not None \
+            and torch.device(device).index >= torch.cuda.device_count():
+        raise GptlabError(f"device={device}: this machine has {torch.cuda.device_count()} "
+                          "CUDA devices")
+
+
+def run_checkpoint(cfg: DictConfig, scratch: Path) -> Path:
+    """The checkpoint file to sample from: `checkpoint=`, else one of the run's."""
     if cfg.checkpoint:
         return Path(cfg.checkpoint)
-    client = tracking.connect(cfg.logger.tracking_uri)
-    run = tracking.find_run(client, str(cfg.run_id), cfg.logger.experiment_name)
-    return tracking.download_checkpoint(client, run.info.run_id, cfg.which)
+    client = store.connect(cfg.logger.tracking_uri)
+    if str(cfg.run_id) == "latest":
+        runs = store.search_runs(client, cfg.logger.experiment_name,
+                                 "attributes.status = 'FINISHED'")
+        runs = [r for r in runs if r.data.tags.get("gptlab.sweep") != "true"]
+        if not runs:
+            raise GptlabError(f"experiment {cfg.logger.experiment_name!r} has no finished run")
+        run = runs[0]
+    else:
+        run = store.get_run(client, str(cfg.run_id))
+    run_id = run.info.run_id
+    names = store.artifact_names(client, run_id, "checkpoints")
+    if not names:
+        raise GptlabError(f"run {run_id} has no checkpoint")
+    name = cfg.which
+    if name in ("newest", "last"):
+        steps = checkpoints.step_names(names)
+        name = steps[-1] if steps else None
+    if name not in names:
+        raise GptlabError(f"run {run_id} has no checkpoint {cfg.which!r} "
+                          f"(it has: {', '.join(names)}; or which=newest)")
+    return store.download(client, run_id, f"checkpoints/{name}", scratch)
 
 
 def sample(cfg: DictConfig) -> list[str]:
-    check_sampling_args(cfg.temperature, cfg.top_k)
-    check_window(cfg.window, 1)
-    if cfg.max_new_tokens < 0 or cfg.num_samples <= 0:
-        raise GptlabError("max_new_tokens must be >= 0 and num_samples > 0")
-    ckpt = tracking.read_checkpoint(checkpoint_path(cfg))
-    model = tracking.model_from_checkpoint(ckpt).to(cfg.device)
-    texts = tracking.generate_text(
+    check_sample_config(cfg)
+    with store.scratch() as scratch:
+        ckpt = checkpoints.read_checkpoint(run_checkpoint(cfg, scratch))
+    model = checkpoints.model_from_checkpoint(ckpt).to(cfg.device)
+    texts = generate_text(
         model, ckpt["gptlab"]["vocab"], str(cfg.prompt), cfg.max_new_tokens,
         cfg.temperature, cfg.top_k, cfg.seed, cfg.num_samples, cfg.device, cfg.kv_cache,
         cfg.window,
@@ -41,13 +86,18 @@ def sample(cfg: DictConfig) -> list[str]:
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")
         print(text)
+    sys.stdout.flush()
     return texts
 
 
-@hydra.main(config_path=tracking.CONF_DIR, config_name="sample", version_base="1.3")
-@report_errors
-def main(cfg: DictConfig) -> None:
+@hydra.main(config_path=store.CONF_DIR, config_name="sample", version_base="1.3")
+def _task(cfg: DictConfig) -> None:
     sample(cfg)
+
+
+@exit_on_error
+def main() -> None:
+    _task()
 
 
 if __name__ == "__main__":

@@ -3,26 +3,42 @@
 `SweepRun` is a Hydra callback (see `hydra.callbacks` in conf/train.yaml). Before any job
 starts it checks the tracking store, creates the schema and the experiment once (parallel jobs
 that each tried would race), and opens the parent run; it writes what jobs need to join it
-into the sweep directory, which every job, in any process, can read.
+into the sweep directory, which every job, in any process, can read. When the sweep ends the
+parent ends FINISHED, or FAILED if a job failed; a stop signal ends it KILLED.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab import tracking
-from gptlab.errors import report_errors
+from gptlab import store
+from gptlab.errors import BAD_INPUT, StopRequested, describe
+from gptlab.runs import Outcome, SweepJob
 
 SWEEP_FILE = ".gptlab_sweep.json"
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    runs: int
+    failed: list[str]
+
+    @property
+    def exit_code(self) -> int:
+        return BAD_INPUT if self.failed else 0
+
+
+results: list[SweepResult] = []  # sweeps ended in this process, for the exit code
+_open_parents: dict[str, str] = {}  # parent run id -> tracking URI, until the sweep ends
 
 
 def varied_keys(config: DictConfig) -> list[str]:
@@ -40,18 +56,62 @@ def short(key: str, value: str) -> str:
     return value if "." not in key else f"{key.rsplit('.', 1)[-1]}={value}"
 
 
-@report_errors
-def open_store(config: DictConfig) -> tuple[MlflowClient, str]:
-    """The store and experiment, checked and created once, before any job starts."""
-    client = tracking.connect(config.logger.tracking_uri)
-    return client, tracking.get_or_create_experiment(client, config.logger.experiment_name)
+def child_name(varied: list[str], overrides: list[str]) -> str | None:
+    """A job's run name from its values of the swept keys: `n_embd=16 lr=0.001`."""
+    values = {}
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        values[key] = value
+    return " ".join(short(k, values[k]) for k in varied if k in values) or None
+
+
+def read_sweep(sweep_dir: Path) -> dict | None:
+    path = sweep_dir / SWEEP_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sweep_job(sweep_dir: Path, overrides: list[str], num: int) -> SweepJob | None:
+    """The sweep a multirun job belongs to (None without MLflow)."""
+    info = read_sweep(sweep_dir)
+    if info is None:
+        return None
+    return SweepJob(info["parent_run_id"], child_name(info["varied"], overrides), num)
+
+
+def report_job(sweep: SweepJob, outcome: Outcome) -> None:
+    """One line per job that did not finish; the finished ones are summed up at the end."""
+    if outcome.error is not None:
+        print(f"error: job {sweep.num} ({sweep.name or 'no name'}): {describe(outcome.error)}",
+              file=sys.stderr, flush=True)
+
+
+def end_parent(parent_run_id: str, status: str) -> None:
+    uri = _open_parents.pop(parent_run_id, None)
+    if uri is None:
+        return
+    client = store.connect(uri)
+    if client.get_run(parent_run_id).info.status == "RUNNING":
+        client.set_terminated(parent_run_id, status)
+
+
+def end_open_parents(error: BaseException) -> None:
+    """A sweep cut short in this process (a stop signal, a job Hydra could not compose):
+    its parent run must not stay RUNNING."""
+    status = "KILLED" if isinstance(error, KeyboardInterrupt | StopRequested | SystemExit) \
+        else "FAILED"
+    for parent in list(_open_parents):
+        try:
+            end_parent(parent, status)
+        except Exception:  # noqa: BLE001 - the store itself may be what failed
+            pass
 
 
 class SweepRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.logger.enabled:
             return
-        client, experiment_id = open_store(config)
+        client = store.connect(config.logger.tracking_uri)
+        experiment_id = store.get_or_create_experiment(client, config.logger.experiment_name)
         keys = varied_keys(config)
         choices = config.hydra.runtime.choices
         label = choices.get("hparams_search") or choices.get("experiment") or "sweep"
@@ -62,6 +122,7 @@ class SweepRun(Callback):
             "gptlab.command": " ".join(["gptlab-train", *sys.argv[1:]]),
             "mlflow.source.name": "gptlab-train",
         })
+        _open_parents[run.info.run_id] = client.tracking_uri
         client.log_text(run.info.run_id, "\n".join(task) + "\n", "overrides.txt")
         if keys:
             client.log_param(run.info.run_id, "swept", ", ".join(keys))
@@ -75,38 +136,22 @@ class SweepRun(Callback):
         info = read_sweep(Path(config.hydra.sweep.dir))
         if info is None:
             return
-        client = tracking.connect(info["tracking_uri"])
+        client = store.connect(info["tracking_uri"])
         parent = info["parent_run_id"]
         children = client.search_runs(
             [client.get_run(parent).info.experiment_id],
-            f"tags.mlflow.parentRunId = '{parent}'")
-        failed = [r for r in children if r.info.status == "FAILED"]
+            f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000)
+        failed = sorted((r for r in children if r.info.status != "FINISHED"),
+                        key=lambda r: r.info.run_name or "")
+        _open_parents.pop(parent, None)
         client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+        result = SweepResult(parent, len(children), [r.info.run_name for r in failed])
+        results.append(result)
         if failed:
-            names = ", ".join(r.info.run_name for r in failed)
-            print(f"error: {len(failed)} of {len(children)} jobs failed ({names}); "
-                  f"the others finished: gptlab-compare --sweep {parent}", file=sys.stderr)
-            sys.exit(2)
-        print(f"sweep finished: {len(children)} runs under MLflow run {parent} "
-              f"(compare: gptlab-compare --sweep {parent})")
+            print(f"error: {len(failed)} of {len(children)} jobs failed "
+                  f"({', '.join(result.failed)}); the others finished: "
+                  f"gptlab-compare --sweep {parent}", file=sys.stderr)
+        else:
+            print(f"sweep finished: {len(children)} runs under MLflow run {parent} "
+                  f"(compare: gptlab-compare --sweep {parent})")
 
-
-def read_sweep(sweep_dir: Path) -> dict | None:
-    path = sweep_dir / SWEEP_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def job_sweep_info() -> tuple[str | None, str | None]:
-    """(parent run id, run name from the varied values) for a job of a sweep, else Nones."""
-    hc = HydraConfig.get()
-    if str(hc.mode) != "RunMode.MULTIRUN":
-        return None, None
-    info = read_sweep(Path(hc.sweep.dir))
-    if info is None:
-        return None, None
-    values = {}
-    for override in hc.overrides.task:
-        key, _, value = override.lstrip("+~").partition("=")
-        values[key] = value
-    name = " ".join(short(k, values[k]) for k in info["varied"] if k in values)
-    return info["parent_run_id"], name or None

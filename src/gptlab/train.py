@@ -5,6 +5,10 @@
     gptlab-train experiment=shakespeare_char_cpu optim.lr=3e-3
     gptlab-train resume=<run_id> trainer.max_steps=4000   # continue a logged run
     gptlab-train -m model=bigram,gpt optim.lr=1e-3,3e-3   # a sweep
+
+A run's life, in the order below: `setup` (check and build everything, nothing recorded yet),
+open or reopen the MLflow run, `fit`, `validate` the final weights, `final_sample`; `run_job`
+records how it ended.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import math
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,46 +25,27 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from mlflow.tracking import MlflowClient
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab import callbacks, sweeps, tracking
+from gptlab import checks, store, sweeps
+from gptlab.callbacks import RunCheckpoints, SampleText
+from gptlab.checkpoints import check_matches, model_weights
 from gptlab.data import CharDataModule
-from gptlab.errors import GptlabError, gptlab_cause, report_errors
+from gptlab.errors import GptlabError, exit_on_error, report
 from gptlab.lit_module import LitLM
-from gptlab.models import check_sampling_args, check_window, class_path
+from gptlab.models import class_path
+from gptlab.recorder import RunLogger
+from gptlab.resume import Resume, prepare_resume
+from gptlab.runs import FINISHED, Job, Outcome, RunRecord, run_job
+from gptlab.schedule import Steps
+from gptlab.signals import StopSignals
 
-
-class _DropTips(logging.Filter):
-    """Lightning advertises hosted services at every start; that is not for our users."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in str(record.msg)
-
-
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
+# Lightning's start-up banners ("GPU available", hosted-service tips) are informational
+# messages of this logger; gptlab prints its own summary of what it runs on
+logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 # Lightning 2.6 on torch 2.13 warns about its own use of a deprecated torch API
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-
-# what may change when a run is resumed: how long and how often, never what is trained
-RESUME_SAFE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
-               "trainer.enable_progress_bar", "trainer.enable_model_summary",
-               "trainer.accelerator", "trainer.devices", "checkpoint.", "callbacks.", "logger.")
-
-
-def task_overrides() -> list[str]:
-    return list(HydraConfig.get().overrides.task)
-
-
-def run_name(cfg: DictConfig, sweep_name: str | None = None) -> str:
-    """`logger.run_name`, else what the sweep varies (`gpt lr=3e-3`), else the experiment
-    or model."""
-    if cfg.logger.get("run_name"):
-        return str(cfg.logger.run_name)
-    if sweep_name:
-        return sweep_name
-    choices = HydraConfig.get().runtime.choices
-    return choices.get("experiment") or choices.get("model") or "run"
 
 
 def build_model(model_cfg: DictConfig, vocab_size: int, block_size: int
@@ -71,287 +56,237 @@ def build_model(model_cfg: DictConfig, vocab_size: int, block_size: int
     target = kwargs.pop("_target_")
     compile_model = bool(kwargs.pop("compile", False))  # a training option, not an argument
     kwargs.update(vocab_size=vocab_size, block_size=block_size)
-    return hydra.utils.instantiate({"_target_": target}, **kwargs), kwargs, compile_model
+    model = checks.instantiate(OmegaConf.create({"_target_": target}), "model", **kwargs)
+    return model, kwargs, compile_model
 
 
-def build(cfg: DictConfig) -> tuple[CharDataModule, LitLM, dict[str, Any]]:
-    """Data, model and LightningModule from the config, checked before anything is recorded."""
-    dm: CharDataModule = hydra.utils.instantiate(cfg.data)
-    dm.setup()
-    model, model_kwargs, compile_model = build_model(cfg.model, dm.vocab_size, dm.block_size)
-    info = {
-        "model_class": class_path(model),
-        "model_kwargs": model_kwargs,
-        "vocab": dm.tokenizer.chars,
-        "code_version": tracking.git_commit(),
-    }
+def build_lit(cfg: DictConfig, model: torch.nn.Module, compile_model: bool,
+              info: dict[str, Any]) -> LitLM:
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    if optim.get("decay_steps") is None:
-        optim["decay_steps"] = cfg.trainer.max_steps
-    lit = LitLM(model, **optim, compile=compile_model, checkpoint_info=info)
-    return dm, lit, info
+    return checks.build_with(LitLM, "optim", model=model, **optim, compile=compile_model,
+                             checkpoint_info=info,
+                             log_every_n_steps=cfg.trainer.log_every_n_steps)
 
 
-def check_run_cfg(cfg: DictConfig) -> None:
-    """Refuse, before a run is recorded, what would otherwise fail part-way through it."""
-    for key in ("max_steps", "val_check_interval"):
-        value = cfg.trainer.get(key)
-        if value is None or value <= 0:
-            raise GptlabError(f"trainer.{key} must be positive, got {value}")
-    sample = cfg.callbacks.sample
-    check_sampling_args(sample.temperature, sample.top_k)
-    check_window(sample.get("window", "half"), 1)
+def extra_callbacks(callbacks_cfg: DictConfig) -> list[pl.Callback]:
+    """Any Lightning callback the `callbacks` group names with a `_target_`, e.g.
+    `+callbacks.lr_monitor._target_=pytorch_lightning.callbacks.LearningRateMonitor`."""
+    return [checks.instantiate(node, f"callbacks.{name}")
+            for name, node in callbacks_cfg.items()
+            if OmegaConf.is_dict(node) and "_target_" in node]
 
 
 @dataclass
-class Resume:
-    """A logged run to continue: its id, the checkpoint to start from, what was changed."""
+class Session:
+    """Everything a run trains with, built and checked before the run is recorded."""
 
-    run_id: str
-    ckpt_path: Path
-    step: int
-    changed: list[str] = field(default_factory=list)
+    cfg: DictConfig
+    dm: CharDataModule
+    lit: LitLM
+    trainer: pl.Trainer
+    steps: Steps
+    checkpoints: RunCheckpoints
+    sampler: SampleText
+    logger: RunLogger | None
+    info: dict[str, Any]
+    n_params: int
+    resume: Resume | None = None
 
-
-def find_resumable_run(client: MlflowClient, resume: str, experiment_name: str):
-    if resume != "latest":
-        return tracking.find_run(client, resume, experiment_name)
-    return tracking.newest_run(client, experiment_name, "attributes.status != 'FINISHED'",
-                               "unfinished run to resume")
-
-
-def resumed_config(cfg: DictConfig, logged: DictConfig, run_id: str) -> tuple[DictConfig,
-                                                                                list[str]]:
-    """The run's logged config with this command's overrides applied, where they are safe."""
-    changed, refused = [], []
-    for override in task_overrides():
-        key = override.lstrip("+~").partition("=")[0]
-        if key == "resume" or key.startswith("hydra."):
-            continue
-        new, old = OmegaConf.select(cfg, key), OmegaConf.select(logged, key)
-        if OmegaConf.is_config(new):
-            new = OmegaConf.to_container(new, resolve=True)
-        if OmegaConf.is_config(old):
-            old = OmegaConf.to_container(old, resolve=True)
-        if key != "experiment" and new == old:
-            continue
-        if key.startswith(RESUME_SAFE):
-            OmegaConf.update(logged, key, new, force_add=True)
-            changed.append(override)
-        else:
-            refused.append(key)
-    if refused:
-        raise GptlabError(
-            f"cannot change {', '.join(refused)} when resuming run {run_id}: the checkpoint was "
-            f"trained with the logged values (only {', '.join(RESUME_SAFE)} may change)"
-        )
-    logged.resume = cfg.resume
-    return logged, changed
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for the samples under way and hand over the last metrics."""
+        try:
+            self.sampler.close()
+        except Exception:
+            if raise_errors:
+                raise
+        finally:
+            if self.logger is not None:
+                self.logger.flush()
 
 
-def prepare_resume(cfg: DictConfig, client: MlflowClient
-                   ) -> tuple[DictConfig, Resume, dict[str, Any]]:
-    """The config to continue with, where to start from, and the checkpoint itself."""
-    run = find_resumable_run(client, str(cfg.resume), cfg.logger.experiment_name)
-    run_id = run.info.run_id
-    try:
-        text = Path(client.download_artifacts(run_id, "config.yaml",
-                                              tracking.scratch_dir())).read_text()
-    except Exception:  # noqa: BLE001 - a run without its config cannot be resumed
-        raise GptlabError(f"run {run_id} has no logged config.yaml: not a gptlab run") from None
-    new_cfg, changed = resumed_config(cfg, OmegaConf.create(text), run_id)
-    ckpt_path, ckpt = tracking.newest_checkpoint(client, run_id)
-    return new_cfg, Resume(run_id, ckpt_path, ckpt["gptlab"]["step"], changed), ckpt
-
-
-def check_checkpoint_matches(ckpt: dict, lit: LitLM, info: dict[str, Any]) -> None:
-    """A checkpoint from another corpus or model shape would fail deep inside Lightning."""
-    logged = ckpt["gptlab"]
-    if logged.get("vocab") != info["vocab"]:
-        raise GptlabError("the checkpoint's vocabulary does not match the run's corpus")
-    expected = {f"model.{k}": tuple(v.shape) for k, v in lit.model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
-    if expected != found:
-        diff = sorted(set(expected.items()) ^ set(found.items()))
-        raise GptlabError(f"the checkpoint's weights do not match the logged model config "
-                          f"(first difference: {diff[0][0]})")
-
-
-def start_run(cfg: DictConfig, client: MlflowClient, info: dict[str, Any] | None = None,
-              derived: dict[str, Any] | None = None) -> str:
-    """Open the run: tags, every resolved config value as a param, config and vocabulary."""
-    experiment_id = tracking.get_or_create_experiment(client, cfg.logger.experiment_name)
-    parent, sweep_name = sweeps.job_sweep_info()
-    tags = {
-        "mlflow.source.name": "gptlab-train",
-        "mlflow.source.type": "LOCAL",
-        "gptlab.command": " ".join(["gptlab-train", *sys.argv[1:]]),
-    }
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    commit = info["code_version"] if info else tracking.git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    if info:
-        tags["gptlab.model_class"] = info["model_class"]
-    run = client.create_run(experiment_id, run_name=run_name(cfg, sweep_name), tags=tags)
-    run_id = run.info.run_id
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    params = tracking.flatten(resolved)
-    params.update(derived or {})
-    tracking.log_params(client, run_id, params)
-    if info is None:
-        return run_id
-    client.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
-    client.log_text(run_id, "\n".join(task_overrides()) + "\n", "overrides.txt")
-    tracking.log_dict_artifact(client, run_id, {"chars": info["vocab"]}, "vocab.json")
-    return run_id
-
-
-def reopen_run(cfg: DictConfig, client: MlflowClient, resume: Resume) -> None:
-    """Mark a resumed run RUNNING again and record what this resumption changed."""
-    run = client.get_run(resume.run_id)
-    n = 1 + sum(k.startswith("gptlab.resume.") for k in run.data.tags)
-    client.set_tag(resume.run_id, f"gptlab.resume.{n}",
-                   f"from step {resume.step}: {' '.join(resume.changed) or 'no overrides'}")
-    client.log_text(resume.run_id, OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)),
-                    "config.yaml")
-    client.update_run(resume.run_id, status="RUNNING")
-
-
-def train(cfg: DictConfig) -> float:
-    check_run_cfg(cfg)
-    client, run_id, resume, ckpt = None, None, None, None
-    if cfg.get("resume"):
-        if not cfg.logger.enabled:
-            raise GptlabError("resume needs the MLflow logger (logger=mlflow)")
-        client = tracking.connect(cfg.logger.tracking_uri)
-        cfg, resume, ckpt = prepare_resume(cfg, client)
-        check_run_cfg(cfg)
-    elif cfg.optim.decay_steps is None:
-        # fixed once, so that extending max_steps on resume does not bend the schedule
-        cfg.optim.decay_steps = cfg.trainer.max_steps
-
+def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
+          resume: Resume | None) -> Session:
+    """Data, model, optimizer, callbacks and trainer, all checked: whatever fails here fails
+    before the run is opened (or reopened)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for what autocast leaves fp32
-    try:
-        dm, lit, info = build(cfg)
-    except Exception as e:
-        record_failed_job(cfg, e)
-        raise
-    n_params = sum(p.numel() for p in lit.model.parameters())
-    if resume:
-        check_checkpoint_matches(ckpt, lit, info)
-        if resume.step >= cfg.trainer.max_steps:
-            raise GptlabError(f"run {resume.run_id} is already at step {resume.step}: pass "
-                              f"trainer.max_steps=N with N > {resume.step} to extend it")
-
-    recorded: dict[str, int] = {}
-    if cfg.logger.enabled:
-        client = client or tracking.connect(cfg.logger.tracking_uri)
-        if resume:
-            run_id = resume.run_id
-            recorded = tracking.last_recorded_steps(client, run_id)
-            reopen_run(cfg, client, resume)
-        else:
-            run_id = start_run(cfg, client, info,
-                               {"vocab_size": dm.vocab_size, "n_params": n_params})
-
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    # recording (MLflow calls, samples, checkpoint files past the newest) goes to one worker
-    # thread, in order, off the training path
-    background = callbacks.Background()
-    logger = (callbacks.MLflowRunLogger(client, run_id, background, recorded=recorded)
-              if client else None)
-    sampler = callbacks.SampleText(client, run_id, dm.tokenizer.chars, background,
-                                   **cfg.callbacks.sample)
-    checkpoints = callbacks.CheckpointToRun(
-        out_dir / "checkpoints", client, run_id, background, logger,
-        cfg.checkpoint.every_n_steps)
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=logger or False, callbacks=[sampler, checkpoints]
-    )
-    if logger:
-        logger.trainer = trainer
-    print(f"gptlab: {info['model_class'].rsplit('.', 1)[-1]} with {n_params:,} parameters, "
-          f"vocabulary of {dm.vocab_size}, {len(dm.train_data):,} train / "
-          f"{len(dm.val_data):,} val tokens" + (f", MLflow run {run_id}" if run_id else "")
-          + (f", resumed from step {resume.step}" if resume else ""))
-
-    status = "FAILED"
-    try:
-        trainer.fit(lit, datamodule=dm, ckpt_path=resume.ckpt_path if resume else None,
-                    weights_only=True if resume else None)
-        if checkpoints.stop_signal is not None:
-            status = "KILLED"
-        else:
-            # the end of training may fall between validations: validate the final weights
-            if trainer.global_step % trainer.val_check_batch:
-                trainer.validate(lit, datamodule=dm, verbose=False)
-                val = trainer.callback_metrics.get("val/loss")
-                checkpoints.save(trainer, None if val is None else float(val))
-            text = sampler.sample(lit.model, max_new_tokens=cfg.callbacks.final_sample_tokens)
-            if client is not None:
-                background.submit(client.log_text, run_id, text, "samples/final.txt")
-            status = "FINISHED"
-    except Exception as e:
-        if client is not None:
-            background.submit(client.set_tag, run_id, "gptlab.error",
-                              str(gptlab_cause(e) or repr(e))[:5000])
-        raise
-    finally:
-        if logger is not None:
-            logger.flush()
-        try:
-            background.close()  # the run ends once everything it produced is recorded
-        except Exception:
-            status = "FAILED"
-            raise
-        finally:
-            if client is not None:
-                client.set_terminated(run_id, status)
-    if status == "KILLED":
-        print(f"gptlab: stopped at step {trainer.global_step} and checkpointed"
-              + (f"; continue with: gptlab-train resume={run_id}" if run_id else ""),
-              file=sys.stderr)
-        sys.exit(128 + checkpoints.stop_signal)
-    best = checkpoints.best if checkpoints.best is not None else math.nan
-    print("\n--- sample ---")
-    print(text)
-    print("--------------")
-    print(f"best val/loss {best:.4f}")
-    if run_id:
-        print(f"MLflow run id: {run_id}  (sample again: gptlab-sample run_id={run_id})")
-    return best
+    dm: CharDataModule = checks.instantiate(cfg.data, "data")
+    dm.setup()
+    model, model_kwargs, compile_model = build_model(cfg.model, dm.vocab_size, dm.block_size)
+    info = {"model_class": class_path(model), "model_kwargs": model_kwargs,
+            "vocab": dm.tokenizer.chars, "code_version": store.git_commit()}
+    if resume is not None:
+        check_matches(resume.ckpt, model, info["vocab"])
+    lit = build_lit(cfg, model, compile_model, info)
+    steps = Steps(cfg.trainer.max_steps, cfg.trainer.val_check_interval,
+                  cfg.trainer.log_every_n_steps, cfg.checkpoint.every_n_steps)
+    logger = RunLogger(record.recorder) if record.recorder is not None else None
+    sample_cfg = OmegaConf.to_container(cfg.callbacks.sample, resolve=True)
+    sampler = SampleText(record.recorder, dm.tokenizer.chars, info["model_class"],
+                         model_kwargs, **sample_cfg)
+    ckpts = RunCheckpoints(job.checkpoint_dir, steps, stop, record.recorder, logger,
+                           keep=cfg.checkpoint.keep)
+    trainer = checks.instantiate(cfg.trainer, "trainer", logger=logger or False,
+                                 callbacks=[sampler, ckpts, *extra_callbacks(cfg.callbacks)])
+    n_params = sum(p.numel() for p in model.parameters())
+    return Session(cfg, dm, lit, trainer, steps, ckpts, sampler, logger, info, n_params,
+                   resume)
 
 
-def record_failed_job(cfg: DictConfig, error: Exception) -> None:
-    """A sweep job that fails before its run opens still leaves a FAILED run in the sweep,
-    with the error as a tag, so the sweep shows what happened to every job."""
-    if sweeps.job_sweep_info()[0] is None or not cfg.logger.enabled:
+def open_run(s: Session, job: Job, record: RunRecord) -> None:
+    if record.client is None:
         return
-    client = tracking.connect(cfg.logger.tracking_uri)
-    run_id = start_run(cfg, client)
-    client.set_tag(run_id, "gptlab.error", str(gptlab_cause(error) or repr(error))[:5000])
-    client.set_terminated(run_id, "FAILED")
+    if s.resume is not None:
+        record.reopen(s.resume, s.cfg)
+        s.logger.recorded = record.recorded
+        return
+    tags = {"gptlab.model_class": s.info["model_class"]}
+    if s.info["code_version"]:
+        tags["mlflow.source.git.commit"] = s.info["code_version"]
+    record.open(s.cfg, tags, {"vocab_size": s.dm.vocab_size, "n_params": s.n_params},
+                s.dm.tokenizer.chars)
 
 
-@hydra.main(config_path=tracking.CONF_DIR, config_name="train", version_base="1.3")
-@report_errors
-def main(cfg: DictConfig) -> float:
-    if sweeps.job_sweep_info()[0] is None:
-        return train(cfg)
-    # in a sweep, a job's bad input fails that job only: the others go on, and the sweep
-    # reports the failures at its end
+def fit(s: Session) -> None:
+    """Train to `trainer.max_steps`, from the resumed checkpoint if there is one."""
+    resume = s.resume
+    if resume is not None and resume.step >= s.steps.max_steps:
+        # trained already; what remains is the final validation and sample
+        s.lit.model.load_state_dict(model_weights(resume.ckpt["state_dict"]))
+        s.lit.validated_step = resume.ckpt["gptlab"].get("validated_step", 0)
+        s.checkpoints.load_state_dict(
+            resume.ckpt.get("callbacks", {}).get(s.checkpoints.state_key, {}))
+        return
+    s.trainer.fit(s.lit, datamodule=s.dm, ckpt_path=resume.ckpt_path if resume else None,
+                  weights_only=True if resume else None)
+
+
+def validate(s: Session) -> None:
+    """Validate (and checkpoint) the final weights, unless the last step was validated."""
+    if s.lit.validated_step < s.steps.max_steps:
+        s.trainer.validate(s.lit, datamodule=s.dm, verbose=False)
+
+
+def final_sample(s: Session, record: RunRecord) -> str:
+    text = s.sampler.sample(s.lit.model, max_new_tokens=s.cfg.callbacks.final_sample_tokens)
+    if record.recorder is not None:
+        record.recorder.submit("text", text, "samples/final.txt")
+    return text
+
+
+def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
+    """One training job, phase by phase; returns the best val/loss and the final sample."""
+    cfg = job.cfg
+    checks.check_train_config(cfg)
+    with store.scratch() as scratch:
+        resume = None
+        if cfg.resume:
+            if record.client is None:
+                raise GptlabError("resume needs the MLflow logger (logger=mlflow)")
+            resume = prepare_resume(cfg, record.client, job.overrides, scratch)
+            cfg = resume.cfg
+            checks.check_train_config(cfg)
+            if resume.run.info.status == FINISHED and resume.step >= cfg.trainer.max_steps:
+                raise GptlabError(f"run {resume.run_id} is already at step {resume.step}: "
+                                  f"pass trainer.max_steps=N with N > {resume.step} to "
+                                  "extend it")
+        elif cfg.optim.decay_steps is None:
+            # fixed once, so that extending max_steps on resume does not bend the schedule
+            cfg.optim.decay_steps = cfg.trainer.max_steps
+        s = setup(cfg, job, record, stop, resume)
+        stop.check()
+        open_run(s, job, record)
+        announce(s, record)
+        failed = True
+        try:
+            stop.check()
+            fit(s)
+            stop.check()
+            validate(s)
+            stop.check()
+            text = final_sample(s, record)
+            stop.check()
+            failed = False
+        finally:
+            s.close(raise_errors=not failed)
+    best = s.checkpoints.best
+    return (math.nan if best is None else best), text
+
+
+def announce(s: Session, record: RunRecord) -> None:
+    print(f"gptlab: {s.info['model_class'].rsplit('.', 1)[-1]} with {s.n_params:,} parameters, "
+          f"vocabulary of {s.dm.vocab_size}, {len(s.dm.train_data):,} train / "
+          f"{len(s.dm.val_data):,} val tokens"
+          + (f", MLflow run {record.run_id}" if record.run_id else "")
+          + (f", resumed from step {s.resume.step}" if s.resume else ""), flush=True)
+
+
+def job_from_hydra(cfg: DictConfig) -> Job:
+    """What the rest of a job needs from Hydra, read once."""
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    sweep = None
+    if hc.mode == RunMode.MULTIRUN:
+        sweep = sweeps.sweep_job(Path(hc.sweep.dir), overrides, hc.job.num)
+    choices = hc.runtime.choices
+    name = (cfg.logger.get("run_name") or (sweep.name if sweep and sweep.name else None)
+            or choices.get("experiment") or choices.get("model") or "run")
+    return Job(cfg=cfg, overrides=overrides, output_dir=Path(hc.runtime.output_dir),
+               command=" ".join(["gptlab-train", *sys.argv[1:]]), run_name=str(name),
+               sweep=sweep)
+
+
+def finish(job: Job, outcome: Outcome) -> None:
+    """Tell the user how a single run ended."""
+    if outcome.status == FINISHED:
+        print("\n--- sample ---")
+        print(outcome.sample)
+        print("--------------")
+        print(f"best val/loss {outcome.best:.4f}")
+        if outcome.run_id:
+            print(f"MLflow run id: {outcome.run_id}  "
+                  f"(sample again: gptlab-sample run_id={outcome.run_id})")
+    for note in outcome.notes:
+        print(f"gptlab: {note}", file=sys.stderr)
+    if outcome.error is not None:
+        report(outcome.error, log_file=job.output_dir / "gptlab-train.log")
+        if outcome.status == "KILLED":
+            print("gptlab: stopped" + (f"; continue with: gptlab-train resume={outcome.run_id}"
+                                       if outcome.run_id else " before the run started"),
+                  file=sys.stderr)
+
+
+_outcomes: list[Outcome] = []
+
+
+@hydra.main(config_path=store.CONF_DIR, config_name="train", version_base="1.3")
+def _task(cfg: DictConfig) -> float:
+    job = job_from_hydra(cfg)
+    outcome = run_job(job, lambda record, stop: train(job, record, stop))
+    _outcomes.append(outcome)
+    if job.sweep is None:
+        finish(job, outcome)
+        return outcome.best
+    sweeps.report_job(job.sweep, outcome)
+    if outcome.status == "KILLED":
+        # a stop signal stops the sweep, not only this job
+        sweeps.end_parent(job.sweep.parent_run_id, "KILLED")
+        raise SystemExit(outcome.exit_code)
+    return outcome.best if outcome.status == FINISHED else math.nan
+
+
+@exit_on_error
+def main() -> int:
+    _outcomes.clear()
     try:
-        return train(cfg)
-    except Exception as e:
-        cause = gptlab_cause(e)
-        if cause is None:
-            raise
-        print(f"error: job {HydraConfig.get().job.num}: {cause}", file=sys.stderr)
-        return math.nan
+        _task()
+    except BaseException as e:
+        sweeps.end_open_parents(e)
+        raise
+    if sweeps.results:
+        return sweeps.results[-1].exit_code
+    return _outcomes[-1].exit_code if _outcomes else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +24,12 @@ def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None 
 
 
 def check_sampling_args(temperature: float, top_k: int | None) -> None:
-    if temperature <= 0:
-        raise GptlabError(f"temperature must be positive, got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise GptlabError(f"top_k must be positive, got {top_k}")
+    if (not isinstance(temperature, int | float) or isinstance(temperature, bool)
+            or not math.isfinite(temperature) or temperature <= 0):
+        raise GptlabError(f"temperature must be a positive number, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                              or top_k <= 0):
+        raise GptlabError(f"top_k must be a positive integer or null, got {top_k!r}")
 
 
 WINDOWS = ("half", "slide")

@@ -151,8 +151,12 @@ class GPT(nn.Module):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("block_size", block_size),
                             ("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd)):
-            if value <= 0:
-                raise GptlabError(f"model.{name} must be positive, got {value}")
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise GptlabError(f"model.{name} must be a positive integer, got {value!r}")
+        for name, value in (("bias", bias), ("ffn", ffn), ("residual", residual),
+                            ("layernorm", layernorm), ("tie_weights", tie_weights)):
+            if not isinstance(value, bool):
+                raise GptlabError(f"model.{name} must be true or false, got {value!r}")
         if attention not in ("self", "average"):
             raise GptlabError(f"model.attention must be 'self' or 'average', got {attention!r}")
         if attention == "self" and n_embd % n_head != 0:
@@ -161,8 +165,9 @@ class GPT(nn.Module):
             )
         if init not in ("gpt2", "torch"):
             raise GptlabError(f"model.init must be 'gpt2' or 'torch', got {init!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise GptlabError(f"model.dropout must be in [0, 1), got {dropout}")
+        if (not isinstance(dropout, int | float) or isinstance(dropout, bool)
+                or not 0.0 <= dropout < 1.0):
+            raise GptlabError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
         self.vocab_size, self.block_size = vocab_size, block_size
         self.wte = nn.Embedding(vocab_size, n_embd)  # token embeddings
         self.wpe = nn.Embedding(block_size, n_embd)  # position embeddings

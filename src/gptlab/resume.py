@@ -1,0 +1,165 @@
+"""Continuing a logged run: which run, with which config, from which checkpoint.
+
+The config is the run's logged `config.yaml` with this command's overrides applied where they
+cannot change what is trained (how long and how often, where it is recorded); the checkpoint is
+the newest readable one, logged to the run or, on the machine that trained it, left on disk
+when the store was away.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from gptlab import checkpoints, store
+from gptlab.errors import GptlabError
+from gptlab.recorder import SPOOL_NAME
+
+# what may change when a run is resumed: how long and how often, never what is trained
+RESUME_SAFE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
+               "trainer.enable_progress_bar", "trainer.enable_model_summary",
+               "trainer.accelerator", "trainer.devices", "checkpoint.", "callbacks.", "logger.")
+LOCAL_DIR_TAG = "gptlab.local_checkpoints"  # "host:path" of the run's checkpoints on disk
+
+
+@dataclass
+class Resume:
+    """A logged run to continue: its config, the checkpoint to start from, what changed."""
+
+    run: Run
+    cfg: DictConfig
+    ckpt_path: Path
+    ckpt: dict[str, Any]
+    changed: list[str] = field(default_factory=list)
+    spool: Path | None = None  # records that could not be sent when the run stopped
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    @property
+    def step(self) -> int:
+        return int(self.ckpt["gptlab"]["step"])
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def resume_overrides(overrides: list[str], cfg: DictConfig, logged: DictConfig
+                     ) -> tuple[list[str], list[str]]:
+    """Which of this command's overrides change the logged config, split into those that may
+    (applied to `logged` in place) and the keys of those that may not."""
+    changed, refused = [], []
+    for override in overrides:
+        key = override.lstrip("+~").partition("=")[0]
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        new, old = _plain(OmegaConf.select(cfg, key)), _plain(OmegaConf.select(logged, key))
+        if key != "experiment" and new == old:
+            continue
+        if key.startswith(RESUME_SAFE):
+            OmegaConf.update(logged, key, new, force_add=True)
+            changed.append(override)
+        else:
+            refused.append(key)
+    return changed, refused
+
+
+def live_owner(client: MlflowClient, run: Run) -> str | None:
+    """Who is training `run` now, if anyone: a process on this machine holding its lock."""
+    if run.info.status != "RUNNING":
+        return None
+    if store.run_lock_held(client.tracking_uri, run.info.run_id):
+        return run.data.tags.get("gptlab.owner", "another process")
+    return None
+
+
+def find_run(client: MlflowClient, resume: str, experiment_name: str) -> Run:
+    """`resume=<run id>`, or `latest`: the newest unfinished run of the experiment that has
+    a checkpoint and that no process is training."""
+    if resume != "latest":
+        run = store.get_run(client, resume)
+        owner = live_owner(client, run)
+        if owner:
+            raise GptlabError(f"run {resume} is being trained by {owner}: stop it first "
+                              "(or wait for it to finish)")
+        return run
+    for run in store.search_runs(client, experiment_name, "attributes.status != 'FINISHED'"):
+        if run.data.tags.get("gptlab.sweep") == "true" or live_owner(client, run):
+            continue
+        if (checkpoints.step_names(store.artifact_names(client, run.info.run_id, "checkpoints"))
+                or _local_dir(run)):
+            return run
+    raise GptlabError(f"experiment {experiment_name!r} has no unfinished run to resume (one "
+                      "with a checkpoint that no process is training)")
+
+
+def _local_dir(run: Run) -> Path | None:
+    """The run's checkpoints folder on this machine, if it trained here."""
+    host, _, path = run.data.tags.get(LOCAL_DIR_TAG, "").partition(":")
+    if host != socket.gethostname() or not path or not Path(path).is_dir():
+        return None
+    return Path(path)
+
+
+def newest_checkpoint(client: MlflowClient, run: Run, scratch: Path
+                      ) -> tuple[Path, dict[str, Any]]:
+    """The run's newest readable step checkpoint, logged or left on this machine's disk: one
+    cut short by a kill while it was written or logged is passed over."""
+    run_id = run.info.run_id
+    candidates: list[tuple[int, str, Path | None]] = []
+    for name in checkpoints.step_names(store.artifact_names(client, run_id, "checkpoints")):
+        candidates.append((checkpoints.step_of(name), name, None))
+    local = _local_dir(run)
+    if local is not None:
+        for name in checkpoints.step_names([p.name for p in local.glob("step_*.ckpt")]):
+            candidates.append((checkpoints.step_of(name), name, local / name))
+    if not candidates:
+        raise GptlabError(f"run {run_id} has no checkpoint to resume from")
+    errors = []
+    # newest first; for the same step, the logged copy before the local one
+    for _, name, path in sorted(candidates, key=lambda c: (-c[0], c[2] is not None)):
+        if path is None:
+            path = store.download(client, run_id, f"checkpoints/{name}", scratch)
+        try:
+            return path, checkpoints.read_checkpoint(path)
+        except GptlabError as e:
+            errors.append(str(e))
+    raise GptlabError(errors[0] if len(errors) == 1 else
+                      f"none of the run's {len(errors)} checkpoints is readable: {errors[0]}")
+
+
+def prepare_resume(cfg: DictConfig, client: MlflowClient, overrides: list[str], scratch: Path
+                   ) -> Resume:
+    """The run to continue, the config to continue it with, and its newest checkpoint."""
+    run = find_run(client, str(cfg.resume), cfg.logger.experiment_name)
+    run_id = run.info.run_id
+    try:
+        text = store.download(client, run_id, "config.yaml", scratch).read_text()
+    except Exception:  # noqa: BLE001 - a run without its config cannot be resumed
+        raise GptlabError(f"run {run_id} has no logged config.yaml: not a gptlab run") from None
+    logged = OmegaConf.create(text)
+    changed, refused = resume_overrides(overrides, cfg, logged)
+    if refused:
+        raise GptlabError(
+            f"cannot change {', '.join(refused)} when resuming run {run_id}: the checkpoint was "
+            f"trained with the logged values (only {', '.join(RESUME_SAFE)} may change)")
+    logged.resume = cfg.resume
+    ckpt_path, ckpt = newest_checkpoint(client, run, scratch)
+    local = _local_dir(run)
+    spool = local / SPOOL_NAME if local is not None and (local / SPOOL_NAME).is_file() else None
+    return Resume(run, logged, ckpt_path, ckpt, changed, spool)
+
+
+def last_recorded_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The highest step recorded for each metric of a run."""
+    run = client.get_run(run_id)
+    return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+            for key in run.data.metrics}

@@ -1,0 +1,221 @@
+"""A training job's MLflow run, from opening to a status that tells the truth.
+
+`run_job` is the one place where a job's outcome is recorded, whatever ends it: success, a
+stop signal, bad input found late, a bug, a store that stopped answering. The run it opened
+ends FINISHED, KILLED (resumable) or FAILED with the reason in its `gptlab.error` tag, after
+everything the job handed to the recorder is written; a sweep job that failed before its run
+opened still leaves a FAILED (or KILLED) child in the sweep, so the sweep shows every job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from gptlab import store
+from gptlab.errors import GptlabError, StopRequested, describe, exit_code
+from gptlab.recorder import SPOOL_NAME, Recorder
+from gptlab.resume import LOCAL_DIR_TAG, Resume, last_recorded_steps
+from gptlab.signals import StopSignals
+
+FINISHED, KILLED, FAILED = "FINISHED", "KILLED", "FAILED"
+
+
+@dataclass
+class SweepJob:
+    """A job of a sweep: the sweep's parent run, this job's name from its swept values."""
+
+    parent_run_id: str
+    name: str | None
+    num: int
+
+
+@dataclass
+class Job:
+    """What the entry point resolved once from Hydra; nothing below it asks Hydra again."""
+
+    cfg: DictConfig
+    overrides: list[str]
+    output_dir: Path
+    command: str
+    run_name: str
+    sweep: SweepJob | None = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+
+@dataclass
+class Outcome:
+    status: str
+    run_id: str | None = None
+    best: float = math.nan
+    sample: str = ""
+    error: BaseException | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.error is None else exit_code(self.error)
+
+
+class RunRecord:
+    """The store side of one job: its client, its run once opened, the recorder writing it."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.client: MlflowClient | None = None
+        self.recorder: Recorder | None = None
+        self.run_id: str | None = None
+        self.recorded: dict[str, int] = {}  # on resume: the last step of each metric
+        self._lock: store.RunLock | None = None
+
+    def connect(self) -> None:
+        logger = self.job.cfg.logger
+        if logger.enabled:
+            self.client = store.connect(logger.tracking_uri)
+            self.recorder = Recorder(self.client, outage_timeout=logger.outage_timeout)
+
+    def _lock_run(self, run_id: str) -> None:
+        lock = store.RunLock(self.client.tracking_uri, run_id)
+        if not lock.acquire():
+            raise GptlabError(f"run {run_id} is being trained by another process: stop it "
+                              "first (or wait for it to finish)")
+        self._lock = lock
+
+    def _owner_tags(self) -> dict[str, str]:
+        host = socket.gethostname()
+        return {"gptlab.owner": f"pid {os.getpid()} on {host}",
+                LOCAL_DIR_TAG: f"{host}:{self.job.checkpoint_dir.resolve()}"}
+
+    def open(self, cfg: DictConfig, tags: dict[str, str], params: dict[str, Any],
+             vocab: str) -> str:
+        """Create the run with its tags, params, config and vocabulary."""
+        client, job = self.client, self.job
+        experiment_id = store.get_or_create_experiment(client, cfg.logger.experiment_name)
+        tags = {**self._base_tags(), **tags, **self._owner_tags()}
+        run = client.create_run(experiment_id, run_name=job.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        self._lock_run(self.run_id)
+        self.recorder.attach(self.run_id)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        store.log_params(client, self.run_id, {**store.flatten(resolved), **params})
+        client.log_text(self.run_id, OmegaConf.to_yaml(resolved), "config.yaml")
+        client.log_text(self.run_id, "\n".join(job.overrides) + "\n", "overrides.txt")
+        store.log_json(client, self.run_id, {"chars": vocab}, "vocab.json")
+        return self.run_id
+
+    def reopen(self, resume: Resume, cfg: DictConfig) -> None:
+        """Continue a logged run: lock it, send what it could not send when it stopped,
+        record what this resumption changes, and mark it RUNNING again."""
+        client, run_id = self.client, resume.run_id
+        self._lock_run(run_id)
+        self.run_id = run_id
+        self.recorder.attach(run_id)
+        if resume.spool is not None:
+            self.recorder.replay(resume.spool)
+            if not self.recorder.drain(self.recorder.outage_timeout):
+                self.recorder.check()
+            resume.spool.unlink()
+        self.recorded = last_recorded_steps(client, run_id)
+        n = 1 + sum(k.startswith("gptlab.resume.") for k in resume.run.data.tags)
+        client.set_tag(run_id, f"gptlab.resume.{n}",
+                       f"from step {resume.step}: {' '.join(resume.changed) or 'no overrides'}")
+        for key, value in self._owner_tags().items():
+            client.set_tag(run_id, key, value)
+        client.delete_tag(run_id, "gptlab.error") if "gptlab.error" in resume.run.data.tags \
+            else None
+        client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)),
+                        "config.yaml")
+        client.update_run(run_id, status="RUNNING")
+
+    def _base_tags(self) -> dict[str, str]:
+        job = self.job
+        tags = {"mlflow.source.name": "gptlab-train", "mlflow.source.type": "LOCAL",
+                "gptlab.command": job.command}
+        if job.sweep is not None:
+            tags["mlflow.parentRunId"] = job.sweep.parent_run_id
+        return tags
+
+    def end(self, status: str, error: BaseException | None = None) -> tuple[str, list[str]]:
+        """Write what is left, then the status (and the reason): the run's last record.
+        Returns the status recorded and notes for the user."""
+        notes: list[str] = []
+        try:
+            if self.client is None:
+                return status, notes
+            if self.run_id is None:
+                if self.job.sweep is not None:
+                    self._record_unopened(status, error)
+                return status, notes
+            recorder = self.recorder
+            try:
+                recorder.close(timeout=recorder.outage_timeout)
+            except KeyboardInterrupt:
+                pass  # asked twice to stop: record the status without waiting
+            if recorder.error is not None and status == FINISHED:
+                status, error = FAILED, recorder.error
+            if recorder.gave_up or recorder.in_outage:
+                spool = self.job.checkpoint_dir / SPOOL_NAME
+                points = recorder.spool(spool)
+                notes.append(f"{points} metric points not yet recorded are kept in {spool}; "
+                             f"gptlab-train resume={self.run_id} sends them once the store "
+                             "is back")
+                return status, notes
+            try:
+                if error is not None and status != KILLED:
+                    self.client.set_tag(self.run_id, "gptlab.error", describe(error)[:5000])
+                self.client.set_terminated(self.run_id, status)
+            except Exception as e:  # noqa: BLE001 - the store failed at the last write
+                notes.append(f"the run's status ({status}) could not be recorded: {describe(e)}")
+            return status, notes
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _record_unopened(self, status: str, error: BaseException | None) -> None:
+        """A sweep job that ended before its run opened: a child run with the reason."""
+        cfg = self.job.cfg
+        experiment_id = store.get_or_create_experiment(self.client, cfg.logger.experiment_name)
+        run = self.client.create_run(experiment_id, run_name=self.job.run_name,
+                                     tags=self._base_tags())
+        if error is not None:
+            self.client.set_tag(run.info.run_id, "gptlab.error", describe(error)[:5000])
+        try:
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            store.log_params(self.client, run.info.run_id, store.flatten(resolved))
+        except Exception:  # noqa: BLE001 - a config too broken to resolve still gets its run
+            pass
+        self.client.set_terminated(run.info.run_id, status)
+        self.run_id = run.info.run_id
+
+
+TrainFn = Callable[[RunRecord, StopSignals], tuple[float, str]]
+
+
+def run_job(job: Job, train: TrainFn) -> Outcome:
+    """Run `train` and record how it ended, whatever ended it."""
+    record = RunRecord(job)
+    with StopSignals() as stop:
+        try:
+            record.connect()
+            best, sample = train(record, stop)
+        except BaseException as e:  # noqa: BLE001 - every ending is recorded, then reported
+            status = KILLED if isinstance(e, StopRequested | KeyboardInterrupt) else FAILED
+            if isinstance(e, KeyboardInterrupt):
+                e = StopRequested(stop.signum or 2)
+            status, notes = record.end(status, e)
+            return Outcome(status, record.run_id, error=e, notes=notes)
+        status, notes = record.end(FINISHED)
+        error = None if status == FINISHED else GptlabError(
+            f"recording the run failed: {describe(record.recorder.error)}")
+        return Outcome(status, record.run_id, best, sample, error, notes)

@@ -1,0 +1,293 @@
+"""The MLflow tracking store: where it is, reaching it, and reading and writing what runs hold.
+
+Everything gptlab reads from or writes to MLflow goes through MLflow's client API, so a
+remote tracking server works as well as the embedded SQLite store under mlruns/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from mlflow.entities import Param, Run
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
+
+from gptlab.errors import GptlabError, first_line
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
+SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def project_root() -> Path:
+    """The checkout holding conf/ (an editable install), else the working directory."""
+    return PROJECT_ROOT if (PROJECT_ROOT / "conf").is_dir() else Path.cwd()
+
+
+CONF_DIR = str(project_root() / "conf")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """`logger.tracking_uri`, else $MLFLOW_TRACKING_URI, else the SQLite store in mlruns/."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def is_remote(uri: str) -> bool:
+    return urlparse(uri).scheme in ("http", "https")
+
+
+def artifact_root(uri: str) -> str | None:
+    """For a SQLite store, artifacts go in artifacts/ beside the database file."""
+    db = sqlite_path(uri)
+    return None if db is None else (db.parent / "artifacts").as_uri()
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, recorded with each run and checkpoint."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(),
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def use_quick_http_defaults() -> None:
+    """MLflow retries a failing request for minutes by default (7 retries, growing waits);
+    gptlab's own recorder retries a store that went away, so one request may fail sooner.
+    A user's own settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes on this machine, released when the holder ends,
+    however it ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _lock_dir(uri: str) -> Path:
+    db = sqlite_path(uri)
+    if db is not None:
+        return db.parent / "locks"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "gptlab" / "locks" / hashlib.sha1(uri.encode()).hexdigest()[:12]
+
+
+class RunLock:
+    """Held by the process training a run, for as long as it lives: a second process cannot
+    train the same run, and a process that died (even by SIGKILL) holds it no more."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.path = _lock_dir(uri) / f"{run_id}.lock"
+        self._file = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a")  # noqa: SIM115 - held open while the lock is held
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        self._file = f
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def run_lock_held(uri: str, run_id: str) -> bool:
+    """Whether a process on this machine holds the run's lock now."""
+    lock = RunLock(uri, run_id)
+    if not lock.path.exists():
+        return False
+    if lock.acquire():
+        lock.release()
+        return False
+    return True
+
+
+def _check_writable(folder: Path) -> None:
+    """Write and remove a file: permissions alone do not tell (root, read-only mounts)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".gptlab-probe-"):
+            pass
+    except OSError as e:
+        raise GptlabError(f"the MLflow store at {folder} cannot be written: "
+                          f"{e.strerror or first_line(e)}") from None
+
+
+def connect(uri: str | None = None) -> MlflowClient:
+    """A client for the tracking store, checked once so that a bad store fails in seconds,
+    before anything is trained or recorded."""
+    uri = resolve_tracking_uri(uri)
+    scheme = urlparse(uri).scheme
+    if scheme not in SCHEMES and not Path(uri).is_absolute():
+        raise GptlabError(f"unknown tracking URI scheme {scheme!r} in {uri} "
+                          f"(use sqlite:///FILE, http://HOST:PORT or a folder)")
+    use_quick_http_defaults()
+    client = MlflowClient(tracking_uri=uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        _check_writable(db.parent)
+        _check_writable(db.parent / "artifacts")
+        # the first client of a new database creates its tables; two processes starting
+        # at once would both try, and one would fail
+        with file_lock(db.with_name(db.name + ".lock")):
+            _first_look(client, uri)
+    else:
+        _first_look(client, uri)
+    return client
+
+
+def _first_look(client: MlflowClient, uri: str) -> None:
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # an unreachable server fails at once
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
+        raise GptlabError(f"cannot reach the MLflow tracking store at {uri}: "
+                          f"{first_line(e)[:300]}") from None
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = artifact_root(client.tracking_uri)
+    location = None if root is None else f"{root}/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by a parallel job
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        known = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise GptlabError(f"no MLflow experiment named {name!r} (experiments: {known})")
+    return exp.experiment_id
+
+
+def get_run(client: MlflowClient, run_id: str) -> Run:
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise GptlabError(f"no MLflow run with id {run_id!r} in {client.tracking_uri}") from None
+
+
+def search_runs(client: MlflowClient, experiment_name: str, filter_string: str = "",
+                ) -> list[Run]:
+    """The experiment's runs passing `filter_string`, newest first."""
+    return client.search_runs([experiment_id(client, experiment_name)], filter_string,
+                              order_by=["attributes.start_time DESC"], max_results=1000)
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+
+
+def log_json(client: MlflowClient, run_id: str, obj: Any, path: str) -> None:
+    client.log_text(run_id, json.dumps(obj, indent=2, ensure_ascii=False), path)
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {dotted.key: value}; lists stay whole values."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+# -- artifacts ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def scratch() -> Iterator[Path]:
+    """A temporary folder for downloaded artifacts, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="gptlab-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def download(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path:
+    return Path(client.download_artifacts(run_id, path, str(dst)))
+
+
+def artifact_names(client: MlflowClient, run_id: str, folder: str) -> list[str]:
+    try:
+        return sorted(Path(f.path).name for f in client.list_artifacts(run_id, folder))
+    except Exception:  # noqa: BLE001 - an unreadable artifact store holds nothing for us
+        return []
+
+
+def local_artifact_dir(run: Run) -> Path | None:
+    """Where a run's artifacts lie on this machine's disk, for a store on this machine."""
+    uri = run.info.artifact_uri
+    if not uri.startswith("file:") and "://" in uri:
+        return None
+    return Path(local_file_uri_to_path(uri))
+
+
+def delete_artifact(client: MlflowClient, run: Run, path: str) -> None:
+    """Remove one artifact of a run. MLflow's client has no call for this: on this machine's
+    disk the file is removed directly; elsewhere MLflow's artifact-repository registry (not in
+    MLflow's documented API) gives the repository that can. tests/test_store.py fails if
+    either stops working."""
+    local = local_artifact_dir(run)
+    if local is not None:
+        (local / path).unlink(missing_ok=True)
+        return
+    get_artifact_repository(run.info.artifact_uri,
+                            tracking_uri=client.tracking_uri).delete_artifacts(path)

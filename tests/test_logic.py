@@ -1,0 +1,229 @@
+"""Pure logic, in process and fast: schedules, the resume policy, sweep names, compare's
+columns, checkpoint reading, one-line error messages, config checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from gptlab import checkpoints, checks, compare, store, sweeps
+from gptlab.errors import GptlabError, StopRequested, describe, exit_code, hydra_message
+from gptlab.recorder import RunLogger
+from gptlab.resume import RESUME_SAFE, resume_overrides
+from gptlab.schedule import LRSchedule, Steps
+
+
+def train_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=store.CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    s = LRSchedule("cosine", lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110)
+    assert s(0) == pytest.approx(1 / 11)
+    assert s(9) == pytest.approx(10 / 11)
+    assert s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx((1e-4 + 0.5 * 9e-4) / 1e-3)  # half way down the cosine
+    assert s(110) == s(5000) == pytest.approx(0.1)  # then it stays at min_lr
+    assert all(s(t) >= s(t + 1) for t in range(10, 200))
+    assert LRSchedule("constant", 1e-3, 1e-4, 10, 110)(0) == 1.0
+
+
+def test_unknown_lr_schedule_is_refused():
+    with pytest.raises(GptlabError, match="optim.schedule"):
+        LRSchedule("linear", 1e-3, 1e-4, 10, 100)
+
+
+def test_step_schedule_is_a_function_of_the_global_step():
+    steps = Steps(max_steps=25, val_every=10, log_every=3, checkpoint_every=4)
+    assert steps.validation_steps() == [10, 20, 25]  # and always the last step
+    assert [s for s in range(1, 26) if steps.checkpoints(s)] == [4, 8, 10, 12, 16, 20, 24, 25]
+    assert [s for s in range(0, 26) if steps.logs(s)] == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert not Steps(20, 10).checkpoints(5)
+
+
+# --- the resume policy ------------------------------------------------------------------------
+
+def test_resume_applies_safe_overrides_and_names_the_refused_ones():
+    logged = train_cfg("trainer.max_steps=100")
+    cfg = train_cfg("trainer.max_steps=300", "model.n_layer=2", "optim.lr=3e-3",
+                    "checkpoint.every_n_steps=7", "logger.experiment_name=x")
+    overrides = ["resume=abc", "trainer.max_steps=300", "model.n_layer=2", "optim.lr=3e-3",
+                 "checkpoint.every_n_steps=7", "logger.experiment_name=x"]
+    changed, refused = resume_overrides(overrides, cfg, logged)
+    assert changed == ["trainer.max_steps=300", "checkpoint.every_n_steps=7",
+                       "logger.experiment_name=x"]
+    assert refused == ["model.n_layer", "optim.lr"]
+    assert logged.trainer.max_steps == 300 and logged.checkpoint.every_n_steps == 7
+    assert logged.model.n_layer == 4  # refused: untouched
+
+
+def test_resume_ignores_overrides_that_change_nothing():
+    logged = train_cfg()
+    changed, refused = resume_overrides(["model.n_layer=4", "seed=1337"], train_cfg(), logged)
+    assert changed == [] and refused == []
+
+
+def test_resume_safe_keys_never_include_what_is_trained():
+    assert not any(k.startswith(("model.", "data.", "optim.", "seed")) for k in RESUME_SAFE)
+
+
+# --- sweeps -----------------------------------------------------------------------------------
+
+def test_sweep_child_names_come_from_the_varied_values():
+    overrides = ["model=gpt", "optim.lr=0.003", "trainer.max_steps=20", "+callbacks.x.y=1"]
+    assert sweeps.child_name(["model", "optim.lr"], overrides) == "gpt lr=0.003"
+    assert sweeps.child_name(["data.block_size"], overrides) is None
+
+
+def test_sweep_varied_keys_from_overrides_and_search_space():
+    cfg = OmegaConf.create({"hydra": {
+        "overrides": {"task": ["optim.lr=1e-3,3e-3", "model.n_layer=2", "seed=range(0,3)"]},
+        "sweeper": {"params": {"model.dropout": "interval(0, 0.3)", "optim.lr": "x"}}}})
+    assert sweeps.varied_keys(cfg) == ["optim.lr", "seed", "model.dropout"]
+
+
+# --- compare ----------------------------------------------------------------------------------
+
+class _Run:
+    def __init__(self, params):
+        self.data = type("D", (), {"params": params})()
+
+
+def test_compare_shows_only_params_that_differ_and_what_was_trained():
+    runs = [_Run({"optim.lr": "0.001", "model.n_layer": "4", "logger.run_name": "a",
+                  "data.path": "/x"}),
+            _Run({"optim.lr": "0.003", "model.n_layer": "4", "logger.run_name": "b",
+                  "data.path": "/y"})]
+    assert compare.differing_params(runs) == ["optim.lr"]
+
+
+def test_plot_path_is_checked_before_anything_is_printed(tmp_path):
+    with pytest.raises(GptlabError, match="does not exist"):
+        compare.check_plot_path(str(tmp_path / "nope" / "c.png"))
+    with pytest.raises(GptlabError, match="must end in"):
+        compare.check_plot_path(str(tmp_path / "c.txt"))
+    compare.check_plot_path(str(tmp_path / "c.png"))
+    assert not (tmp_path / "c.png").exists()  # the check leaves nothing behind
+
+
+# --- the logger's resume de-duplication -------------------------------------------------------
+
+class _FakeRecorder:
+    client, run_id = None, "r"
+
+    def __init__(self):
+        self.batches = []
+
+    def metrics(self, metrics):
+        if metrics:
+            self.batches.append(metrics)
+
+
+def test_logger_skips_steps_already_recorded():
+    rec = _FakeRecorder()
+    logger = RunLogger(rec, flush_secs=1e9, recorded={"train/loss": 12, "val/loss": 10})
+    for step in (11, 12, 13):
+        logger.log_metrics({"train/loss": float(step), "lr": 0.1}, step=step)
+    logger.log_metrics({"val/loss": 2.0, "epoch": 0}, step=10)
+    logger.flush()
+    points = [(m.key, m.step) for batch in rec.batches for m in batch]
+    assert points == [("lr", 11), ("lr", 12), ("train/loss", 13), ("lr", 13)]
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+class Opaque:
+    """An object a checkpoint could smuggle in: loading it would run this module's code."""
+
+
+def test_checkpoint_names_sort_by_step():
+    names = ["best.ckpt", "step_000100.ckpt", "step_000020.ckpt", "step_1000000.ckpt", "x"]
+    assert checkpoints.step_names(names) == ["step_000020.ckpt", "step_000100.ckpt",
+                                             "step_1000000.ckpt"]
+    assert checkpoints.step_of("step_000020.ckpt") == 20 and checkpoints.step_of("x") is None
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"hello, not a checkpoint", "not a PyTorch checkpoint file"),
+    ("truncated", "incomplete or damaged"),
+    ({"state_dict": {}}, "not a gptlab checkpoint"),
+    ({"gptlab": {"model_class": "x"}, "state_dict": {}}, "not a gptlab checkpoint"),
+    ({"gptlab": {"step": 1, "code": Opaque()}, "state_dict": {}}, "Python objects"),
+])
+def test_unreadable_checkpoints_say_why_and_never_suggest_unsafe_loading(tmp_path, content,
+                                                                          words):
+    path = tmp_path / "c.ckpt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:500])
+    else:
+        torch.save(content, path)
+    with pytest.raises(GptlabError) as e:
+        checkpoints.read_checkpoint(path)
+    assert words in str(e.value)
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+
+
+# --- one-line errors --------------------------------------------------------------------------
+
+def test_hydra_reports_become_one_line():
+    e = ConfigCompositionException("Could not override 'optim.lrr'.\nTo append to your "
+                                   "config use +optim.lrr=1")
+    assert hydra_message(e) == ("Could not override 'optim.lrr'. (to append to your config "
+                                "use +optim.lrr=1)")
+    missing = MissingConfigException(
+        "In 'train': Could not find 'model/nope'\n\nAvailable options in 'model':\n"
+        "\tbigram\n\tgpt\nConfig search path:\n\tprovider=hydra, path=pkg://hydra.conf",
+        missing_cfg_file="model/nope")
+    assert hydra_message(missing) == "Could not find 'model/nope' (choices: bigram, gpt)"
+
+
+def test_exit_codes_and_descriptions():
+    assert exit_code(GptlabError("x")) == 2
+    assert exit_code(StopRequested(15)) == 143 and exit_code(KeyboardInterrupt()) == 130
+    assert exit_code(RuntimeError("bug")) == 1
+    assert exit_code(OSError(28, "No space left on device")) == 2
+    assert describe(OSError(28, "No space left on device", "/x/y")) == \
+        "No space left on device: /x/y"
+    wrapped = RuntimeError("instantiate failed")
+    wrapped.__cause__ = GptlabError("the real reason")
+    assert describe(wrapped) == "the real reason"
+
+
+# --- config checks ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lr=nan", "optim.lr must be a finite number > 0"),
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.lr=", "optim.lr"),
+    ("optim.min_lr=0.1", "optim.min_lr must be a finite number in [0, 0.001]"),
+    ("optim.betas=[0.9,1.0]", "optim.betas"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
+    ("trainer.val_check_interval=0.5", "whole number of steps"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("seed=abc", "seed must be an integer"),
+    ("data.block_size=abc", "data.block_size must be a positive integer"),
+    ("checkpoint.keep=0", "checkpoint.keep"),
+    ("callbacks.sample.temperature=nan", "temperature"),
+    ("logger.outage_timeout=0", "logger.outage_timeout"),
+])
+def test_config_checks_name_the_key(override, words):
+    with pytest.raises(GptlabError) as e:
+        checks.check_train_config(train_cfg(override))
+    assert words in str(e.value)
+
+
+def test_the_default_config_passes_its_checks():
+    checks.check_train_config(train_cfg())
+    checks.check_train_config(train_cfg("experiment=bigram"))
