@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,9 +66,10 @@ def cli_env(tmp: Path, corpus: Path) -> dict[str, str]:
 
 
 def run_cli(tool: str, args: list[str], tmp: Path, corpus: Path, timeout: float = 300,
-            **kw) -> subprocess.CompletedProcess:
+            env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
     """Run a console script in a subprocess, in `tmp`, against the store under `tmp`."""
-    return subprocess.run([str(BIN / tool), *args], cwd=tmp, env=cli_env(tmp, corpus),
+    return subprocess.run([str(BIN / tool), *args], cwd=tmp,
+                          env=env if env is not None else cli_env(tmp, corpus),
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
@@ -89,3 +96,75 @@ def in_process(monkeypatch, tmp_path, small_corpus):
         return code, out.out, out.err
 
     return call
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1, with artifacts uploaded through it; it can be
+    stopped and started again on the same port, and is stopped by its pid."""
+
+    def __init__(self, backend_uri: str, artifacts: Path, cwd: Path, port: int | None = None):
+        self.backend_uri, self.artifacts, self.cwd = backend_uri, artifacts, cwd
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> None:
+        env = dict(os.environ)
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend_uri,
+             "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            cwd=self.cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True)
+
+        def healthy() -> bool:
+            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-2000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(healthy, timeout, "mlflow server to start", poll=0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp: Path) -> Iterator[MlflowServer]:
+    server = MlflowServer(f"sqlite:///{tmp / 'server' / 'mlflow.db'}", tmp / "server" /
+                          "artifacts", tmp)
+    (tmp / "server").mkdir(parents=True, exist_ok=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

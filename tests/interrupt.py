@@ -1,9 +1,11 @@
-"""A test-only Lightning callback that sends a signal to its own process at a chosen point of
-a run, once (a marker file remembers it fired), so that interruptions land exactly where a
-test wants them. Added to a run as `+callbacks.interrupt._target_=interrupt.SignalAt`."""
+"""Test-only Lightning callbacks, added to a run from the command line (tests/ is on the
+subprocess's path), e.g. `+callbacks.interrupt._target_=interrupt.SignalAt`: a signal to the
+run's own process at a chosen point (once: a marker file remembers it fired), a failure at a
+chosen step, and a slower pace."""
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -29,6 +31,32 @@ class SignalAt(pl.Callback):
                 self.when == "validation" and trainer.global_step == self.step):
             self._fire()
 
+    def setup(self, trainer, pl_module, stage) -> None:
+        # as fit starts: after the run was opened, before the first step
+        if self.when == "setup":
+            self._fire()
+
     def teardown(self, trainer, pl_module, stage) -> None:
         if self.when == "before_final_sample" and stage == "validate":
             self._fire()
+
+
+class RaiseAt(pl.Callback):
+    """An unexpected failure (a bug) at a chosen step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"boom at step {self.step}")
+
+
+class Pace(pl.Callback):
+    """Slows training down to `seconds` a step, so that a test can act during a run."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)

@@ -16,7 +16,7 @@ from gptlab import train as train_cli
 from gptlab.errors import GptlabError, gptlab_cause
 from gptlab.models.averaging import AGGREGATIONS, causal_average_matmul
 from gptlab.models.bigram import BigramLanguageModel
-from gptlab.models.gpt import GPT
+from gptlab.models.gpt import GPT, CausalSelfAttention
 
 V = 65  # Tiny Shakespeare's vocabulary
 SMALL_STAGES = ["bigram", "bow", "attention_head", "multihead", "multihead_ffn", "blocks",
@@ -76,18 +76,25 @@ def test_matmul_average_is_a_row_normalised_lower_triangle():
 
 # --- scaled attention ---------------------------------------------------------------------
 
-def test_scaling_keeps_affinities_at_unit_variance():
-    # with unit-variance q and k, q . k sums head_size unit-variance products
+def test_attention_scales_affinities_by_one_over_sqrt_head_size():
+    """gptlab's attention is softmax(q k^T / sqrt(head_size)) v over the past: the scale keeps
+    the affinities of unit-variance queries and keys at unit variance, so that softmax starts
+    diffuse instead of nearly one-hot."""
     torch.manual_seed(1337)
-    B, T, head_size = 4, 64, 16
-    k, q = torch.randn(B, T, head_size), torch.randn(B, T, head_size)
-    unscaled = q @ k.transpose(-2, -1)
-    scaled = unscaled * head_size**-0.5
-    assert abs(scaled.var().item() - 1.0) < 0.15
-    assert abs(unscaled.var().item() / head_size - 1.0) < 0.15
-    # why it matters: large affinities make softmax nearly one-hot at initialisation
-    peak = F.softmax(unscaled, -1).max(-1).values.mean()
-    assert peak > F.softmax(scaled, -1).max(-1).values.mean()
+    T, C = 32, 16
+    attn = CausalSelfAttention(n_embd=C, n_head=1, dropout=0.0, bias=False).eval()
+    x = torch.randn(4, T, C)
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    past = torch.tril(torch.ones(T, T, dtype=torch.bool))
+
+    def attend(scale: float) -> torch.Tensor:
+        wei = (q @ k.transpose(-2, -1) * scale).masked_fill(~past, float("-inf"))
+        return attn.c_proj(F.softmax(wei, dim=-1) @ v)
+
+    with torch.no_grad():
+        out = attn(x)
+        assert torch.allclose(out, attend(C ** -0.5), atol=1e-5)
+        assert not torch.allclose(out, attend(1.0), atol=1e-3)
 
 
 # --- every stage --------------------------------------------------------------------------

@@ -84,13 +84,15 @@ def test_compare_table_and_plot(swept, capsys, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--experiment", "nope"], ["no MLflow experiment named 'nope'"]),
     (["--experiment", "sweep", "--sweep", "feedfacefeedface"], ["feedfacefeedface"]),
+    (["--experiment", "sweep", "--plot", "/no/such/folder/c.png"], ["does not exist"]),
 ])
 def test_compare_bad_input(swept, capsys, args, words):
     tmp, _ = swept
     with pytest.raises(SystemExit) as e:
         compare_cli.main([*args, "--tracking-uri", store_uri(tmp)])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert e.value.code == 2 and "Traceback" not in err
+    assert out == ""  # refused before any table is printed
     assert all(w in err for w in words), err
 
 
@@ -212,3 +214,39 @@ def test_mlflow_server_shows_the_sweep(swept, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_every_job_of_a_sweep_ends_recorded_whatever_it_died_of(tmp_path, small_corpus):
+    # job 0: refused by a config check before its run opens; job 1: a bug at step 3;
+    # job 2: finishes
+    res = run_cli("gptlab-train", ["-m", "+callbacks.boom._target_=interrupt.RaiseAt",
+                                   "+callbacks.boom.step=3,1000", *TINY_GPT,
+                                   "trainer.max_steps=0,20", "logger.experiment_name=mixed"],
+                  tmp_path, small_corpus)
+    assert res.returncode == 2, res.stderr[-3000:]
+    client = MlflowClient(store_uri(tmp_path))
+    parent = sweep_parent(client, "mixed")
+    assert parent.info.status == "FAILED"
+    runs = {r.info.run_name: r for r in children(client, parent.info.run_id)}
+    assert {name: r.info.status for name, r in runs.items()} == {
+        "step=3 max_steps=0": "FAILED", "step=3 max_steps=20": "FAILED",
+        "step=1000 max_steps=0": "FAILED", "step=1000 max_steps=20": "FINISHED"}
+    assert "trainer.max_steps" in runs["step=3 max_steps=0"].data.tags["gptlab.error"]
+    assert runs["step=3 max_steps=20"].data.tags["gptlab.error"] == \
+        "RuntimeError: boom at step 3"
+    assert "3 of 4 jobs failed" in res.stderr and "step=3 max_steps=20" in res.stderr
+
+
+def test_a_stop_signal_stops_the_sweep_and_records_it_killed(tmp_path, small_corpus):
+    res = run_cli("gptlab-train", ["-m", "optim.lr=1e-3,2e-3", *TINY_GPT,
+                                   "+callbacks.stop._target_=interrupt.SignalAt",
+                                   f"+callbacks.stop.marker={tmp_path / 'fired'}",
+                                   "+callbacks.stop.step=5", "+callbacks.stop.signum=2",
+                                   "logger.experiment_name=stopped"], tmp_path, small_corpus)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    client = MlflowClient(store_uri(tmp_path))
+    parent = sweep_parent(client, "stopped")
+    assert parent.info.status == "KILLED"
+    runs = children(client, parent.info.run_id)
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("lr=0.001", "KILLED")]

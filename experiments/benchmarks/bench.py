@@ -43,9 +43,11 @@ WARMUP = 10  # steps left out of every timing
 class StepTimer(pl.Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.loss: torch.Tensor | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.times.append(time.perf_counter())
+        self.loss = outputs["loss"].detach()  # read once training ends: no sync per step
 
 
 _timer = StepTimer()
@@ -57,11 +59,13 @@ def timed_trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(**kwargs)
 
 
-def step_ms(times: list[float]) -> dict[str, float]:
+def step_ms(times: list[float], last_loss: float) -> dict[str, float]:
     """Median and mean time per step after the warm-up (the mean includes the logging steps
-    and MLflow flushes)."""
+    and MLflow flushes), how many steps ran, and the loss of the last: every path trains the
+    same model on the same batches, so the last losses agree."""
     deltas = [b - a for a, b in zip(times[WARMUP:], times[WARMUP + 1:], strict=False)]
-    return {"median": 1000 * statistics.median(deltas), "mean": 1000 * statistics.mean(deltas)}
+    return {"median": 1000 * statistics.median(deltas), "mean": 1000 * statistics.mean(deltas),
+            "steps": len(times), "last_loss": last_loss}
 
 
 def compose_cfg(overrides: list[str], store_dir: Path):
@@ -86,7 +90,7 @@ def gptlab_step_ms(overrides: list[str], steps: int, logger: bool, tmp: Path
     outcome = run_job(job, lambda record, stop: train(job, record, stop))
     if outcome.error is not None:
         raise outcome.error
-    return step_ms(_timer.times)
+    return step_ms(_timer.times, _timer.loss.item())
 
 
 def plain_step_ms(overrides: list[str], steps: int, tmp: Path, device: str
@@ -118,7 +122,7 @@ def plain_step_ms(overrides: list[str], steps: int, tmp: Path, device: str
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
-    return step_ms(times)
+    return step_ms(times, loss.item())
 
 
 def interleaved(overrides: list[str], steps: int, tmp: Path, device: str, rounds: int
@@ -142,7 +146,11 @@ def training_row(name: str, steps: int, tokens: int, timings: list[list[dict[str
     """Medians over the rounds; the overheads are medians of each round's own ratios, which
     compare timings taken minutes apart at most."""
     plain, gptlab, no_mlflow = timings
-    row: dict = {"recipe": name, "steps": steps, "rounds": len(plain)}
+    row: dict = {"recipe": name, "steps": steps, "rounds": len(plain),
+                 "steps_run": {k: [t["steps"] for t in ts] for k, ts in
+                               zip(("plain", "gptlab", "gptlab_no_mlflow"), timings, strict=True)},
+                 "last_loss": {k: [t["last_loss"] for t in ts] for k, ts in
+                               zip(("plain", "gptlab", "gptlab_no_mlflow"), timings, strict=True)}}
     for stat in ("median", "mean"):
         p, g, n = (statistics.median(t[stat] for t in ts) for ts in timings)
         row[stat] = {

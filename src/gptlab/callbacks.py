@@ -33,7 +33,8 @@ class SampleText(pl.Callback):
 
     The sample is drawn on a thread of its own from a copy of the weights taken at the
     validation, with a generator of its own: training goes on meanwhile, its random state
-    untouched."""
+    untouched. Its place in the recorder's queue is taken at the validation, so it is written
+    before the checkpoint that follows it (a resumed run never lacks a sample)."""
 
     def __init__(self, recorder: Recorder | None, chars: str, model_class: str,
                  model_kwargs: dict[str, Any], prompt: str = "\n", max_new_tokens: int = 200,
@@ -73,14 +74,15 @@ class SampleText(pl.Callback):
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptlab-sample")
         self._pending = [f for f in self._pending if not f.done() or f.exception()]
-        self._pending.append(self._pool.submit(self._sample_and_log, weights, name))
+        future = self._pool.submit(self._sample, weights)
+        self._pending.append(future)
+        self.recorder.submit("pending_text", future, name)
 
-    def _sample_and_log(self, weights: dict[str, torch.Tensor], name: str) -> None:
+    def _sample(self, weights: dict[str, torch.Tensor]) -> str:
         self._copy.to(next(iter(weights.values())).device)
         with torch.inference_mode():
             self._copy.load_state_dict(weights)
-            text = self.sample(self._copy)
-        self.recorder.submit("text", text, name)
+            return self.sample(self._copy)
 
     def close(self) -> None:
         """Wait for the samples under way and raise the first failure."""
@@ -129,6 +131,8 @@ class RunCheckpoints(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.recorder is not None:
+            if self.recorder.gave_up:
+                self.save(trainer)  # kept on local disk: resume starts from it
             self.recorder.check()
         step = trainer.global_step
         if self.steps.validates(step):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.errors import GptlabError, gptlab_cause
@@ -82,6 +83,9 @@ def check_train_config(cfg: DictConfig) -> None:
         raise GptlabError("trainer.val_check_interval must be a whole number of steps "
                           f"(validate every that many steps), got {value!r}")
     number(cfg, "trainer.gradient_clip_val", 0.0, optional=True)
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise GptlabError(f"trainer.accelerator={cfg.trainer.accelerator} needs a CUDA GPU and "
+                          "none is available here: use trainer=cpu")
     integer(cfg, "checkpoint.every_n_steps", optional=True)
     integer(cfg, "checkpoint.keep")
     # the validation sample

@@ -97,6 +97,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], title: str, path: str) -> None:
+    # imported here, when a plot is asked for: a table alone should not pay for matplotlib
     import matplotlib
 
     matplotlib.use("Agg")

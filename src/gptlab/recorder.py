@@ -35,7 +35,7 @@ from gptlab.errors import GptlabError, first_line
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 SPOOL_NAME = "unsent.jsonl"
 # what can wait in a local file until the store is back: plain data, not actions
-SPOOLABLE = ("metrics", "tag", "text")
+SPOOLABLE = ("metrics", "tag", "text", "pending_text")
 
 
 def is_outage(e: BaseException) -> bool:
@@ -63,10 +63,12 @@ class Record:
     done: threading.Event = field(default_factory=threading.Event)
 
     def to_json(self) -> str:
-        args = self.args
-        if self.kind == "metrics":
+        kind, args = self.kind, self.args
+        if kind == "metrics":
             args = ([[m.key, m.value, m.timestamp, m.step] for m in args[0]],)
-        return json.dumps({"kind": self.kind, "args": list(args)}, ensure_ascii=False)
+        elif kind == "pending_text":  # a sample drawn meanwhile is kept as text
+            kind, args = "text", (args[0].result(), args[1])
+        return json.dumps({"kind": kind, "args": list(args)}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, line: str) -> Record:
@@ -79,10 +81,13 @@ class Record:
 
 class Recorder:
     def __init__(self, client: MlflowClient, outage_timeout: float = 600.0,
-                 max_points: int = 200_000, retry_wait: tuple[float, float] = (1.0, 30.0)):
+                 max_points: int = 200_000, retry_wait: tuple[float, float] = (0.5, 5.0)):
         self.client, self.run_id = client, None
         self.outage_timeout, self.max_points = outage_timeout, max_points
-        self.retry_wait = retry_wait
+        # retries of an unanswered write are spaced out, but never so far that the timeout
+        # is overshot by much
+        self.retry_wait = (retry_wait[0], min(retry_wait[1], max(retry_wait[0],
+                                                                  outage_timeout / 5)))
         self.error: BaseException | None = None  # the first write that failed for good
         self.outage_since: float | None = None
         self.gave_up = False
@@ -134,7 +139,8 @@ class Recorder:
             raise GptlabError(f"recording to the MLflow store failed: {first_line(self.error)}"
                               ) from self.error
         if self.gave_up:
-            raise StoreAway(self.client.tracking_uri, time.monotonic() - self.outage_since)
+            since = self.outage_since or time.monotonic()
+            raise StoreAway(self.client.tracking_uri, time.monotonic() - since)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every queued write is made (or the recorder gave up); True if all were."""
@@ -158,9 +164,9 @@ class Recorder:
         """Save the writes not made that can wait (metrics, tags, texts) to `path`; returns
         how many metric points it holds."""
         with self._cond:
-            records = [r for r in self._queue if r.kind in SPOOLABLE]
-        if not records:
-            return 0
+            records = [r for r in self._queue if r.kind in SPOOLABLE and not (
+                r.kind == "pending_text" and not r.args[0].done())]
+        # written even when empty: it also marks the local checkpoints as safe to resume from
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             for r in records:
@@ -223,6 +229,8 @@ class Recorder:
             self.client.set_tag(self.run_id, *args)
         elif kind == "text":
             self.client.log_text(self.run_id, *args)
+        elif kind == "pending_text":  # a text still being made elsewhere (a Future)
+            self.client.log_text(self.run_id, args[0].result(), args[1])
         elif kind == "call":
             args[0](*args[1:])
         else:

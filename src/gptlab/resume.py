@@ -102,9 +102,12 @@ def find_run(client: MlflowClient, resume: str, experiment_name: str) -> Run:
 
 
 def _local_dir(run: Run) -> Path | None:
-    """The run's checkpoints folder on this machine, if it trained here."""
+    """The run's checkpoints folder on this machine, if it stopped there because the store
+    was away: then the metrics not yet recorded were kept beside them (SPOOL_NAME), and the
+    checkpoints there are safe to resume from. After any other stop (a kill, say) a local
+    checkpoint may be newer than the recorded metrics, and only the logged ones are used."""
     host, _, path = run.data.tags.get(LOCAL_DIR_TAG, "").partition(":")
-    if host != socket.gethostname() or not path or not Path(path).is_dir():
+    if host != socket.gethostname() or not path or not (Path(path) / SPOOL_NAME).is_file():
         return None
     return Path(path)
 
@@ -154,8 +157,8 @@ def prepare_resume(cfg: DictConfig, client: MlflowClient, overrides: list[str], 
     logged.resume = cfg.resume
     ckpt_path, ckpt = newest_checkpoint(client, run, scratch)
     local = _local_dir(run)
-    spool = local / SPOOL_NAME if local is not None and (local / SPOOL_NAME).is_file() else None
-    return Resume(run, logged, ckpt_path, ckpt, changed, spool)
+    return Resume(run, logged, ckpt_path, ckpt, changed,
+                  None if local is None else local / SPOOL_NAME)
 
 
 def last_recorded_steps(client: MlflowClient, run_id: str) -> dict[str, int]:

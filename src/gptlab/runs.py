@@ -132,8 +132,8 @@ class RunRecord:
                        f"from step {resume.step}: {' '.join(resume.changed) or 'no overrides'}")
         for key, value in self._owner_tags().items():
             client.set_tag(run_id, key, value)
-        client.delete_tag(run_id, "gptlab.error") if "gptlab.error" in resume.run.data.tags \
-            else None
+        if "gptlab.error" in resume.run.data.tags:  # the reason of an earlier failure
+            client.delete_tag(run_id, "gptlab.error")
         client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)),
                         "config.yaml")
         client.update_run(run_id, status="RUNNING")
@@ -167,9 +167,10 @@ class RunRecord:
             if recorder.gave_up or recorder.in_outage:
                 spool = self.job.checkpoint_dir / SPOOL_NAME
                 points = recorder.spool(spool)
-                notes.append(f"{points} metric points not yet recorded are kept in {spool}; "
-                             f"gptlab-train resume={self.run_id} sends them once the store "
-                             "is back")
+                notes.append(f"the run's checkpoints are in {self.job.checkpoint_dir} and the "
+                             f"{points} metric points not yet recorded in {spool}; once the "
+                             f"store is back, gptlab-train resume={self.run_id} sends them "
+                             "and continues")
                 return status, notes
             try:
                 if error is not None and status != KILLED:

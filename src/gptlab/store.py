@@ -18,13 +18,12 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from mlflow.entities import Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
-from mlflow.utils.file_utils import local_file_uri_to_path
 
 from gptlab.errors import GptlabError, first_line
 
@@ -161,16 +160,17 @@ def connect(uri: str | None = None) -> MlflowClient:
         raise GptlabError(f"unknown tracking URI scheme {scheme!r} in {uri} "
                           f"(use sqlite:///FILE, http://HOST:PORT or a folder)")
     use_quick_http_defaults()
-    client = MlflowClient(tracking_uri=uri)
     db = sqlite_path(uri)
-    if db is not None:
-        _check_writable(db.parent)
-        _check_writable(db.parent / "artifacts")
-        # the first client of a new database creates its tables; two processes starting
-        # at once would both try, and one would fail
-        with file_lock(db.with_name(db.name + ".lock")):
-            _first_look(client, uri)
-    else:
+    if db is None:
+        client = MlflowClient(tracking_uri=uri)
+        _first_look(client, uri)
+        return client
+    _check_writable(db.parent)
+    _check_writable(db.parent / "artifacts")
+    # a client of a new database creates its tables as it is made; two processes starting at
+    # once would both try, and one would fail
+    with file_lock(db.with_name(db.name + ".lock")):
+        client = MlflowClient(tracking_uri=uri)
         _first_look(client, uri)
     return client
 
@@ -275,9 +275,9 @@ def artifact_names(client: MlflowClient, run_id: str, folder: str) -> list[str]:
 def local_artifact_dir(run: Run) -> Path | None:
     """Where a run's artifacts lie on this machine's disk, for a store on this machine."""
     uri = run.info.artifact_uri
-    if not uri.startswith("file:") and "://" in uri:
-        return None
-    return Path(local_file_uri_to_path(uri))
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    return None if "://" in uri or ":" in uri.split("/")[0] else Path(uri)
 
 
 def delete_artifact(client: MlflowClient, run: Run, path: str) -> None:

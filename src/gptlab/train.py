@@ -44,8 +44,10 @@ from gptlab.signals import StopSignals
 # Lightning's start-up banners ("GPU available", hosted-service tips) are informational
 # messages of this logger; gptlab prints its own summary of what it runs on
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-# Lightning 2.6 on torch 2.13 warns about its own use of a deprecated torch API
-warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+# Lightning 2.6 on torch 2.13 warns, from this module of its own, about its use of a
+# deprecated torch API (LeafSpec); nothing for our users to act on
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        module="pytorch_lightning.utilities._pytree")
 
 
 def build_model(model_cfg: DictConfig, vocab_size: int, block_size: int

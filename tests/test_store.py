@@ -1,0 +1,212 @@
+"""The store's faults are bounded: one trainer per run, processes starting at once, a store
+that cannot be written, a full disk, and a tracking server that goes away mid-run."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, TINY_GPT, cli_env, mlflow_server, run_cli, store_uri, wait_until
+from gptlab import store
+
+
+def only_run(client: MlflowClient, experiment: str):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def steps_of(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def popen_train(tmp: Path, corpus: Path, args: list[str], **env) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "gptlab-train"), *args], cwd=tmp,
+                            env={**cli_env(tmp, corpus), "PYTHONUNBUFFERED": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_run_lock_is_held_while_its_process_lives(tmp_path):
+    uri = store_uri(tmp_path)
+    lock = store.RunLock(uri, "abc")
+    assert lock.acquire()
+    assert store.run_lock_held(uri, "abc")
+    assert not store.RunLock(uri, "abc").acquire()
+    lock.release()
+    assert not store.run_lock_held(uri, "abc")
+
+
+def test_a_run_being_trained_cannot_be_resumed_until_its_process_dies(tmp_path, small_corpus):
+    proc = popen_train(tmp_path, small_corpus, [
+        *TINY_GPT, "trainer.max_steps=100000", "trainer.val_check_interval=20",
+        "logger.experiment_name=busy", "+callbacks.pace._target_=interrupt.Pace",
+        "+callbacks.pace.seconds=0.01"])
+    try:
+        wait_until(lambda: list((tmp_path / "mlruns").rglob("checkpoints/step_*.ckpt"))
+                   or proc.poll() is not None, 120, "a checkpoint")
+        client = MlflowClient(store_uri(tmp_path))
+        run = only_run(client, "busy")
+        for target in (run.info.run_id, "latest"):
+            res = run_cli("gptlab-train", [f"resume={target}", "logger.experiment_name=busy"],
+                          tmp_path, small_corpus)
+            assert res.returncode == 2 and "Traceback" not in res.stderr
+            assert ("being trained by" in res.stderr if target != "latest"
+                    else "no unfinished run to resume" in res.stderr), res.stderr
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    step = max(steps_of(client, run.info.run_id))
+    res = run_cli("gptlab-train", ["resume=latest", "logger.experiment_name=busy",
+                                   f"trainer.max_steps={step + 5}"], tmp_path, small_corpus)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert steps_of(client, run.info.run_id) == list(range(10, step + 6, 10))
+
+
+def test_two_runs_started_at_once_share_a_fresh_store(tmp_path, small_corpus):
+    procs = [popen_train(tmp_path, small_corpus, [*TINY_GPT, "logger.experiment_name=twins",
+                                                  "trainer.max_steps=5"]) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    client = MlflowClient(store_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("twins").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+
+
+@pytest.fixture
+def read_only_store(tmp_path, small_corpus):
+    """A store with one run on a file system then made read-only (tmpfs, as root)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a file system needs root")
+    try:
+        res = run_cli("gptlab-train", [*TINY_GPT, "trainer.max_steps=5",
+                                       f"logger.tracking_uri={store_uri(mount)}"],
+                      tmp_path, small_corpus)
+        assert res.returncode == 0, res.stderr[-2000:]
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_store_that_cannot_be_written_is_one_line_within_seconds(read_only_store, tmp_path,
+                                                                   small_corpus):
+    before = set(tmp_path.rglob("*.ckpt"))
+    start = time.time()
+    res = run_cli("gptlab-train", [*TINY_GPT, f"logger.tracking_uri={store_uri(read_only_store)}"],
+                  tmp_path, small_corpus, timeout=120)
+    assert time.time() - start < 30
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert lines == [f"error: the MLflow store at {read_only_store / 'mlruns'} cannot be "
+                     "written: Read-only file system"], res.stderr
+    assert set(tmp_path.rglob("*.ckpt")) == before  # nothing was trained
+
+
+def test_a_full_disk_fails_the_run_with_the_reason(tmp_path, small_corpus):
+    """Files may not grow past the store's size plus 4 MB: the store's small writes go on,
+    the checkpoints of this model (about 20 MB) cannot be written."""
+    store.connect(store_uri(tmp_path))  # the store's tables, made before the limit
+    limit = (tmp_path / "mlruns" / "mlflow.db").stat().st_size + 4 * 2**20
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    args = [*TINY_GPT, "model.n_layer=2", "model.n_embd=256", "logger.experiment_name=full"]
+    res = subprocess.run([str(BIN / "gptlab-train"), *args], cwd=tmp_path,
+                         env=cli_env(tmp_path, small_corpus), capture_output=True, text=True,
+                         timeout=300, preexec_fn=limit_file_size)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: File too large")
+    run = only_run(MlflowClient(store_uri(tmp_path)), "full")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["gptlab.error"].startswith("File too large")
+    assert not list(tmp_path.rglob("*.tmp"))  # nothing half-written is left
+
+
+def api(uri: str, path: str) -> dict:
+    with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/{path}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def logged_checkpoint(server, experiment: str) -> bool:
+    try:
+        exp = api(server.uri, f"experiments/get-by-name?experiment_name={experiment}")
+        runs = MlflowClient(server.uri).search_runs([exp["experiment"]["experiment_id"]])
+        return bool(runs and store.artifact_names(MlflowClient(server.uri),
+                                                  runs[0].info.run_id, "checkpoints"))
+    except OSError:
+        return False
+
+
+OUTAGE = [*TINY_GPT, "trainer.max_steps=300", "trainer.val_check_interval=50",
+          "trainer.log_every_n_steps=1", "+callbacks.pace._target_=interrupt.Pace",
+          "+callbacks.pace.seconds=0.03"]
+
+
+def test_a_server_away_for_a_while_loses_nothing(tmp_path, small_corpus):
+    with mlflow_server(tmp_path) as server:
+        proc = popen_train(tmp_path, small_corpus, [
+            *OUTAGE, f"logger.tracking_uri={server.uri}", "logger.experiment_name=outage"],
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+        wait_until(lambda: logged_checkpoint(server, "outage") or proc.poll() is not None,
+                   120, "the first logged checkpoint")
+        server.stop()
+        time.sleep(5)  # training goes on meanwhile
+        assert proc.poll() is None
+        server.start()
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        client = MlflowClient(server.uri)
+        run = only_run(client, "outage")
+        assert run.info.status == "FINISHED"
+        assert steps_of(client, run.info.run_id) == list(range(1, 301))
+        assert steps_of(client, run.info.run_id, "val/loss") == [50, 100, 150, 200, 250, 300]
+        # checkpoints taken while the server was away gave way to newer ones; the newest is
+        # there, and at most `checkpoint.keep` of them
+        names = store.artifact_names(client, run.info.run_id, "checkpoints")
+        assert names[-1] == "step_000300.ckpt" and "best.ckpt" in names and len(names) <= 3
+
+
+def test_a_server_away_too_long_stops_the_run_resumable_later(tmp_path, small_corpus):
+    with mlflow_server(tmp_path) as server:
+        start = None
+        proc = popen_train(tmp_path, small_corpus, [
+            *OUTAGE, f"logger.tracking_uri={server.uri}", "logger.experiment_name=gone",
+            "logger.outage_timeout=3"], MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+        wait_until(lambda: logged_checkpoint(server, "gone") or proc.poll() is not None,
+                   120, "the first logged checkpoint")
+        server.stop()
+        start = time.time()
+        out, err = proc.communicate(timeout=120)
+        assert time.time() - start < 60
+        assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "has not answered" in errors[0], err
+        assert "resume=" in err
+        assert list(tmp_path.glob("outputs/*/*/checkpoints/step_*.ckpt"))
+        server.start()
+        client = MlflowClient(server.uri)
+        run = only_run(client, "gone")
+        res = run_cli("gptlab-train", [f"resume={run.info.run_id}",
+                                       f"logger.tracking_uri={server.uri}",
+                                       "+callbacks.pace.seconds=0"], tmp_path, small_corpus)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+        assert steps_of(client, run.info.run_id) == list(range(1, 301))
+        # the older checkpoints were pruned through the server (MLflow's artifact repository)
+        assert store.artifact_names(client, run.info.run_id, "checkpoints") == [
+            "best.ckpt", "step_000250.ckpt", "step_000300.ckpt"]
