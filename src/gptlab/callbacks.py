@@ -9,7 +9,6 @@ ModelCheckpoint saves into a folder and prunes there.
 
 from __future__ import annotations
 
-import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,36 +33,32 @@ class SampleText(pl.Callback):
     The sample is drawn on a thread of its own from a copy of the weights taken at the
     validation, with a generator of its own: training goes on meanwhile, its random state
     untouched. Its place in the recorder's queue is taken at the validation, so it is written
-    before the checkpoint that follows it (a resumed run never lacks a sample)."""
+    before the checkpoint that follows it (a resumed run never lacks a sample). What it needs
+    besides its settings (the run's recorder, the model's class and vocabulary) it takes from
+    the trainer when fit starts, so it is configured like any Lightning callback."""
 
-    def __init__(self, recorder: Recorder | None, chars: str, model_class: str,
-                 model_kwargs: dict[str, Any], prompt: str = "\n", max_new_tokens: int = 200,
-                 temperature: float = 1.0, top_k: int | None = None, seed: int = 1337,
-                 window: str = "half"):
-        self.recorder, self.chars = recorder, chars
-        self.model_class, self.model_kwargs = model_class, model_kwargs
-        # a prompt the vocabulary cannot encode falls back to its first character
-        self.prompt = prompt if prompt and all(ch in chars for ch in prompt) else chars[0]
+    def __init__(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int = 1337, window: str = "half"):
+        self.prompt = prompt
         self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        seed=seed, window=window)
+        self.recorder: Recorder | None = None
+        self.chars = ""
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._copy: torch.nn.Module | None = None
 
-    def sample(self, model: torch.nn.Module, max_new_tokens: int | None = None) -> str:
-        kw = dict(self.kw)
-        if max_new_tokens is not None:
-            kw["max_new_tokens"] = max_new_tokens
-        device = next(model.parameters()).device
-        return generate_text(model, self.chars, self.prompt, device=device, **kw)[0]
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        info = pl_module.checkpoint_info
+        self.chars = info["vocab"]
+        self.recorder = next((lg.recorder for lg in trainer.loggers
+                              if isinstance(lg, RunLogger)), None)
         if self._copy is None:
             # building a model initialises its weights from the global generator: on this
             # thread, with the generator's state put back, so that training's stream of random
             # numbers is the same whenever (and whether) samples are drawn
             with torch.random.fork_rng(devices=[]):
-                self._copy = build_model(self.model_class, dict(self.model_kwargs))
+                self._copy = build_model(info["model_class"], dict(info["model_kwargs"]))
 
     @pl.utilities.rank_zero_only
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -82,7 +77,7 @@ class SampleText(pl.Callback):
         self._copy.to(next(iter(weights.values())).device)
         with torch.inference_mode():
             self._copy.load_state_dict(weights)
-            return self.sample(self._copy)
+            return sample_text(self._copy, self.chars, self.prompt, **self.kw)
 
     def close(self) -> None:
         """Wait for the samples under way and raise the first failure."""
@@ -96,17 +91,30 @@ class SampleText(pl.Callback):
                 self._pool = None
 
 
+def sample_text(model: torch.nn.Module, chars: str, prompt: str, **kw: Any) -> str:
+    """One sample from `model`; a prompt the vocabulary cannot encode becomes its first
+    character (a run's samples must not fail on a corpus without a newline)."""
+    if not prompt or any(ch not in chars for ch in prompt):
+        prompt = chars[0]
+    device = next(model.parameters()).device
+    return generate_text(model, chars, prompt, device=device, **kw)[0]
+
+
+BEST_TAG = "gptlab.best_checkpoint"  # the name of the run's best step checkpoint
+
+
 class RunCheckpoints(pl.Callback):
     """Takes the run's checkpoints, by its step schedule and when a stop is asked for.
 
     A checkpoint is taken after each validation, every `checkpoint.every_n_steps` steps, and
     at the end of the step during which SIGINT or SIGTERM arrived (on a validation step, after
     that validation); then training stops. Each is written whole to `dirpath` as
-    `step_NNNNNN.ckpt`, then handed to the recorder, which logs it to the run under
-    checkpoints/ after the metrics before it and keeps the newest `keep` there (an older one
-    survives a kill in the middle of logging the newest), plus `best.ckpt` by val/loss. At
-    most one checkpoint waits to be logged: the next one waits for it while the store
-    answers, and replaces it while the store is away.
+    `step_NNNNNN.ckpt`, then handed to the recorder, which puts it in the run's checkpoints/
+    after the metrics before it: moved into a store on this machine (so it is written once),
+    uploaded to a remote one. The run keeps the newest `keep` step checkpoints and the best
+    by val/loss, named by its `gptlab.best_checkpoint` tag rather than copied. At most one
+    checkpoint waits to be stored: the next one waits for it while the store answers, and
+    replaces it while the store is away.
     """
 
     def __init__(self, dirpath: Path, steps: Steps, stop: StopSignals,
@@ -118,6 +126,10 @@ class RunCheckpoints(pl.Callback):
         self.best_step: int | None = None
         self._saved_step: int | None = None
         self._pending: tuple[Record, Path] | None = None
+
+    @property
+    def best_name(self) -> str | None:
+        return None if self.best_step is None else checkpoints.step_name(self.best_step)
 
     # Lightning's own SIGTERM handler is installed when fit or validate starts: see signals
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -155,17 +167,14 @@ class RunCheckpoints(pl.Callback):
         improved = val_loss is not None and (self.best is None or val_loss < self.best)
         if improved:
             self.best, self.best_step = val_loss, step
-        if self._saved_step == step and not improved:
+        if self._saved_step == step:
+            if improved and self.recorder is not None:
+                self.recorder.submit("tag", BEST_TAG, path.name)
             return path
         if self.logger is not None:
             self.logger.flush()  # the metrics before this checkpoint are recorded first
         checkpoints.save_atomic(trainer, path)
         self._saved_step = step
-        if improved:
-            best = self.dirpath / "best.ckpt"
-            tmp = best.with_name(".best.ckpt.tmp")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, best)
         if self.recorder is not None:
             self._hand_over(path, improved)
         self._prune_local()
@@ -173,34 +182,40 @@ class RunCheckpoints(pl.Callback):
 
     def _hand_over(self, path: Path, improved: bool) -> None:
         if self._pending is not None:
-            record, older = self._pending
-            if self.recorder.in_outage and self.recorder.cancel(record):
-                pass  # superseded: the store gets the newest when it is back
-            else:
-                record.done.wait()
-        self._pending = (self.recorder.submit("call", self._publish, path, improved), path)
+            record, _ = self._pending
+            if not (self.recorder.in_outage and self.recorder.cancel(record)):
+                record.done.wait()  # else superseded: the store gets the newest when back
+        record = self.recorder.submit("call", self._store, path, improved, self.best_name)
+        self._pending = (record, path)
 
-    def _publish(self, path: Path, improved: bool) -> None:
-        """On the recorder's thread: log a checkpoint, then drop the logged step checkpoints
-        before the newest `keep`."""
+    def _store(self, path: Path, improved: bool, best: str | None) -> None:
+        """On the recorder's thread: put a checkpoint in the run, name the best, then drop the
+        stored step checkpoints before the newest `keep` (never the best)."""
         client: MlflowClient = self.recorder.client
         run_id = self.recorder.run_id
+        run = client.get_run(run_id)
+        local = store.local_artifact_dir(run)
         if path.exists():
-            client.log_artifact(run_id, str(path), "checkpoints")
-        best = self.dirpath / "best.ckpt"
-        if improved and best.exists():
-            client.log_artifact(run_id, str(best), "checkpoints")
+            if local is not None:
+                (local / "checkpoints").mkdir(parents=True, exist_ok=True)
+                # a rename on the same disk: the checkpoint is written once
+                shutil.move(path, local / "checkpoints" / path.name)
+            else:
+                client.log_artifact(run_id, str(path), "checkpoints")
+        if improved:
+            client.set_tag(run_id, BEST_TAG, path.name)
         names = checkpoints.step_names(store.artifact_names(client, run_id, "checkpoints"))
-        if names[:-self.keep]:
-            run = client.get_run(run_id)
-            for name in names[:-self.keep]:
+        for name in names[:-self.keep]:
+            if name != best:
                 store.delete_artifact(client, run, f"checkpoints/{name}")
 
     def _prune_local(self) -> None:
+        """The local copies: the newest `keep` and the best (all the checkpoints of a run
+        without MLflow; the fallback of a remote one while its server is away)."""
         names = checkpoints.step_names([p.name for p in self.dirpath.glob("step_*.ckpt")])
         pending = self._pending[1].name if self._pending else None
         for name in names[:-self.keep]:
-            if name != pending:
+            if name not in (pending, self.best_name):
                 (self.dirpath / name).unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, Any]:

@@ -49,6 +49,11 @@ class LitLM(pl.LightningModule):
         # what a checkpoint needs to rebuild the model without the config: plain values only
         self.checkpoint_info = checkpoint_info or {}
         self.validated_step = 0  # the last step whose weights were validated
+        self.last_metrics: dict[str, float] = {}  # for the progress display
+        # lets Lightning's model summary count the FLOPs of one forward pass
+        block_size = getattr(model, "block_size", None)
+        if block_size:
+            self.example_input_array = torch.zeros(1, block_size, dtype=torch.long)
         self._val_losses: list[torch.Tensor] = []
         self._last_time: float | None = None
         self._tokens_since = 0
@@ -79,6 +84,7 @@ class LitLM(pl.LightningModule):
         if self._last_time is not None and now > self._last_time:
             metrics["tokens_per_sec"] = self._tokens_since / (now - self._last_time)
         self._last_time, self._tokens_since = now, 0
+        self.last_metrics.update(metrics)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
         # for the progress bar and callbacks that monitor it; the loggers have it already
@@ -94,6 +100,7 @@ class LitLM(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         metrics = {"val/loss": val_loss.item(), "val/bpc": val_loss.item() / math.log(2)}
+        self.last_metrics.update(metrics)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
         self.log("val/loss", val_loss, prog_bar=True, logger=False)

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,12 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from gptlab.errors import GptlabError, first_line
+
+# MLflow's own progress bars for downloads are noise in a training log; a user's setting wins
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow speaks at INFO (creating tables, ...); gptlab tells its users what matters itself
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call

@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab import store
+from gptlab.console import log
 from gptlab.errors import BAD_INPUT, StopRequested, describe
 from gptlab.runs import Outcome, SweepJob
 
@@ -78,11 +79,18 @@ def sweep_job(sweep_dir: Path, overrides: list[str], num: int) -> SweepJob | Non
     return SweepJob(info["parent_run_id"], child_name(info["varied"], overrides), num)
 
 
+def report_start(sweep: SweepJob) -> None:
+    log.info(f"job {sweep.num} ({sweep.name or 'no name'}) started", extra={"sweep": True})
+
+
 def report_job(sweep: SweepJob, outcome: Outcome) -> None:
-    """One line per job that did not finish; the finished ones are summed up at the end."""
+    """One line per job as it ends: its best val/loss and run, or why it failed."""
+    name = f"job {sweep.num} ({sweep.name or 'no name'})"
     if outcome.error is not None:
-        print(f"error: job {sweep.num} ({sweep.name or 'no name'}): {describe(outcome.error)}",
-              file=sys.stderr, flush=True)
+        print(f"error: {name}: {describe(outcome.error)}", file=sys.stderr, flush=True)
+    else:
+        log.info(f"{name} finished: best val/loss {outcome.best:.4f}, run {outcome.run_id}",
+                 extra={"sweep": True})
 
 
 def end_parent(parent_run_id: str, status: str) -> None:

@@ -27,10 +27,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelSummary, ProgressBar
 
-from gptlab import checks, store, sweeps
-from gptlab.callbacks import RunCheckpoints, SampleText
+from gptlab import checks, console, store, sweeps
+from gptlab.callbacks import RunCheckpoints, SampleText, sample_text
 from gptlab.checkpoints import check_matches, model_weights
+from gptlab.console import log
 from gptlab.data import CharDataModule
 from gptlab.errors import GptlabError, exit_on_error, report
 from gptlab.lit_module import LitLM
@@ -40,6 +42,9 @@ from gptlab.resume import Resume, prepare_resume
 from gptlab.runs import FINISHED, Job, Outcome, RunRecord, run_job
 from gptlab.schedule import Steps
 from gptlab.signals import StopSignals
+
+# the `logger` group's own keys; any other entry with a _target_ is a Lightning logger
+MLFLOW_SETTINGS = ("tracking_uri", "experiment_name", "run_name", "enabled", "outage_timeout")
 
 # Lightning's start-up banners ("GPU available", hosted-service tips) are informational
 # messages of this logger; gptlab prints its own summary of what it runs on
@@ -70,12 +75,28 @@ def build_lit(cfg: DictConfig, model: torch.nn.Module, compile_model: bool,
                              log_every_n_steps=cfg.trainer.log_every_n_steps)
 
 
-def extra_callbacks(callbacks_cfg: DictConfig) -> list[pl.Callback]:
-    """Any Lightning callback the `callbacks` group names with a `_target_`, e.g.
-    `+callbacks.lr_monitor._target_=pytorch_lightning.callbacks.LearningRateMonitor`."""
-    return [checks.instantiate(node, f"callbacks.{name}")
-            for name, node in callbacks_cfg.items()
-            if OmegaConf.is_dict(node) and "_target_" in node]
+def configured(node: DictConfig, group: str, keep: tuple[str, ...] = ()) -> list[Any]:
+    """What a config group lists with a `_target_` (Lightning callbacks or loggers), built;
+    an entry that is neither one of gptlab's own settings (`keep`) nor buildable is an error,
+    never silently dropped."""
+    built = []
+    for name, entry in node.items():
+        if OmegaConf.is_dict(entry) and "_target_" in entry:
+            built.append(checks.instantiate(entry, f"{group}.{name}"))
+        elif name not in keep:
+            raise GptlabError(f"{group}.{name} names no class to build (give it a _target_)")
+    return built
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The `callbacks` group's callbacks; a progress bar or model summary only where the
+    trainer's switches ask for one (Lightning refuses them otherwise)."""
+    callbacks = configured(cfg.callbacks, "callbacks", keep=("final_sample_tokens",))
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not cfg.trainer.get("enable_model_summary", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
+    return callbacks
 
 
 @dataclass
@@ -88,7 +109,6 @@ class Session:
     trainer: pl.Trainer
     steps: Steps
     checkpoints: RunCheckpoints
-    sampler: SampleText
     logger: RunLogger | None
     info: dict[str, Any]
     n_params: int
@@ -97,7 +117,9 @@ class Session:
     def close(self, raise_errors: bool = True) -> None:
         """Wait for the samples under way and hand over the last metrics."""
         try:
-            self.sampler.close()
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, SampleText):
+                    callback.close()
         except Exception:
             if raise_errors:
                 raise
@@ -124,16 +146,15 @@ def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
     steps = Steps(cfg.trainer.max_steps, cfg.trainer.val_check_interval,
                   cfg.trainer.log_every_n_steps, cfg.checkpoint.every_n_steps)
     logger = RunLogger(record.recorder) if record.recorder is not None else None
-    sample_cfg = OmegaConf.to_container(cfg.callbacks.sample, resolve=True)
-    sampler = SampleText(record.recorder, dm.tokenizer.chars, info["model_class"],
-                         model_kwargs, **sample_cfg)
+    loggers = [logger] if logger else []
+    loggers += configured(cfg.logger, "logger", keep=MLFLOW_SETTINGS)
     ckpts = RunCheckpoints(job.checkpoint_dir, steps, stop, record.recorder, logger,
                            keep=cfg.checkpoint.keep)
-    trainer = checks.instantiate(cfg.trainer, "trainer", logger=logger or False,
-                                 callbacks=[sampler, ckpts, *extra_callbacks(cfg.callbacks)])
+    # the run's checkpoints last: a validation's sample is queued before the checkpoint after it
+    trainer = checks.instantiate(cfg.trainer, "trainer", logger=loggers or False,
+                                 callbacks=[*build_callbacks(cfg), ckpts])
     n_params = sum(p.numel() for p in model.parameters())
-    return Session(cfg, dm, lit, trainer, steps, ckpts, sampler, logger, info, n_params,
-                   resume)
+    return Session(cfg, dm, lit, trainer, steps, ckpts, logger, info, n_params, resume)
 
 
 def open_run(s: Session, job: Job, record: RunRecord) -> None:
@@ -165,13 +186,18 @@ def fit(s: Session) -> None:
 
 
 def validate(s: Session) -> None:
-    """Validate (and checkpoint) the final weights, unless the last step was validated."""
-    if s.lit.validated_step < s.steps.max_steps:
+    """Validate (and checkpoint) the final weights, unless their step was validated (the last
+    of the run, or the one at which a callback such as EarlyStopping ended training)."""
+    if s.lit.validated_step < s.lit.global_step or s.lit.validated_step == 0:
         s.trainer.validate(s.lit, datamodule=s.dm, verbose=False)
 
 
 def final_sample(s: Session, record: RunRecord) -> str:
-    text = s.sampler.sample(s.lit.model, max_new_tokens=s.cfg.callbacks.final_sample_tokens)
+    """The sample printed and logged at the end, with the validation sample's settings."""
+    settings = OmegaConf.to_container(s.cfg.callbacks.get("sample") or {}, resolve=True)
+    settings.pop("_target_", None)
+    settings["max_new_tokens"] = s.cfg.callbacks.final_sample_tokens
+    text = sample_text(s.lit.model, s.info["vocab"], **{"prompt": "\n", **settings})
     if record.recorder is not None:
         record.recorder.submit("text", text, "samples/final.txt")
     return text
@@ -217,11 +243,12 @@ def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
 
 
 def announce(s: Session, record: RunRecord) -> None:
-    print(f"gptlab: {s.info['model_class'].rsplit('.', 1)[-1]} with {s.n_params:,} parameters, "
-          f"vocabulary of {s.dm.vocab_size}, {len(s.dm.train_data):,} train / "
-          f"{len(s.dm.val_data):,} val tokens"
-          + (f", MLflow run {record.run_id}" if record.run_id else "")
-          + (f", resumed from step {s.resume.step}" if s.resume else ""), flush=True)
+    device = "GPU" if s.trainer.accelerator.__class__.__name__.startswith("CUDA") else "CPU"
+    log.info(f"gptlab: {s.info['model_class'].rsplit('.', 1)[-1]} with {s.n_params:,} "
+             f"parameters, vocabulary of {s.dm.vocab_size}, {len(s.dm.train_data):,} train / "
+             f"{len(s.dm.val_data):,} val tokens, {s.steps.max_steps:,} steps on the {device}"
+             + (f", MLflow run {record.run_id}" if record.run_id else "")
+             + (f", resumed from step {s.resume.step}" if s.resume else ""))
 
 
 def job_from_hydra(cfg: DictConfig) -> Job:
@@ -229,6 +256,7 @@ def job_from_hydra(cfg: DictConfig) -> Job:
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
     sweep = None
+    console.set_sweep(hc.mode == RunMode.MULTIRUN)
     if hc.mode == RunMode.MULTIRUN:
         sweep = sweeps.sweep_job(Path(hc.sweep.dir), overrides, hc.job.num)
     choices = hc.runtime.choices
@@ -265,6 +293,8 @@ _outcomes: list[Outcome] = []
 @hydra.main(config_path=store.CONF_DIR, config_name="train", version_base="1.3")
 def _task(cfg: DictConfig) -> float:
     job = job_from_hydra(cfg)
+    if job.sweep is not None:
+        sweeps.report_start(job.sweep)
     outcome = run_job(job, lambda record, stop: train(job, record, stop))
     _outcomes.append(outcome)
     if job.sweep is None:
@@ -280,6 +310,7 @@ def _task(cfg: DictConfig) -> float:
 
 @exit_on_error
 def main() -> int:
+    console.line_buffered()
     _outcomes.clear()
     try:
         _task()
