@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from gptlab import store
+from gptlab import CONF_DIR
 from gptlab import train as train_cli
 from gptlab.errors import GptlabError, gptlab_cause
 from gptlab.models.averaging import AGGREGATIONS, causal_average_matmul
@@ -34,7 +34,7 @@ def one_thread():
 
 
 def stage_cfg(stage: str, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=store.CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="train",
                        overrides=[f"experiment=lecture/{stage}", *overrides])
 

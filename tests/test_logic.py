@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from gptlab import checkpoints, checks, compare, store, sweeps
+from gptlab import CONF_DIR, checkpoints, checks, compare, comparison, sweeps
 from gptlab.errors import GptlabError, StopRequested, describe, exit_code, hydra_message
 from gptlab.recorder import RunLogger
 from gptlab.resume import RESUME_SAFE, resume_overrides
@@ -17,7 +17,7 @@ from gptlab.schedule import LRSchedule, Steps
 
 
 def train_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=store.CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 
 
@@ -100,7 +100,7 @@ def test_compare_shows_only_params_that_differ_and_what_was_trained():
                   "data.path": "/x"}),
             _Run({"optim.lr": "0.003", "model.n_layer": "4", "logger.run_name": "b",
                   "data.path": "/y"})]
-    assert compare.differing_params(runs) == ["optim.lr"]
+    assert comparison.differing_params(runs) == ["optim.lr"]
 
 
 def test_plot_path_is_checked_before_anything_is_printed(tmp_path):

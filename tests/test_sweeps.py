@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BIN, TINY_GPT, cli_env, run_cli, store_uri
 from gptlab import compare as compare_cli
+from gptlab import comparison
 
 SWEEP = [o for o in TINY_GPT if not o.startswith(("model.n_embd", "model.n_head"))]
 
@@ -63,7 +64,7 @@ def test_compare_table_and_plot(swept, capsys, tmp_path):
     client = MlflowClient(store_uri(tmp))
     parent = sweep_parent(client, "sweep")
     png = tmp_path / "curves.png"
-    rows = compare_cli.compare("sweep", "latest", str(png), store_uri(tmp))
+    rows = comparison.compare("sweep", "latest", str(png), store_uri(tmp))
     out = capsys.readouterr().out
     assert len(rows) == 4
     best = [r["best val/loss"] for r in rows]
@@ -78,7 +79,7 @@ def test_compare_table_and_plot(swept, capsys, tmp_path):
     assert "model.n_embd" in header and "optim.lr" in header and "model.n_layer" not in header
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     # the whole experiment: the same four runs, the sweep's parent left out
-    assert len(compare_cli.compare("sweep", None, None, store_uri(tmp))) == 4
+    assert len(comparison.compare("sweep", None, None, store_uri(tmp))) == 4
 
 
 @pytest.mark.parametrize("args, words", [
@@ -129,7 +130,8 @@ def test_parallel_jobs_share_an_empty_store(tmp_path, small_corpus):
         assert r.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val/loss")] == [10, 20]
         names = {Path(f.path).name for f in client.list_artifacts(r.info.run_id, "checkpoints")}
-        assert "best.ckpt" in names and "step_000020.ckpt" in names
+        assert "step_000020.ckpt" in names
+        assert r.data.tags["gptlab.best_checkpoint"] in names
 
 
 def test_optuna_search(tmp_path, small_corpus):

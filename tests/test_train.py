@@ -46,7 +46,11 @@ def test_run_records_params_metrics_samples_checkpoints(trained, small_corpus):
     samples = {Path(f.path).name for f in client.list_artifacts(run_id, "samples")}
     assert {"step_000010.txt", "step_000020.txt", "final.txt"} <= samples
     ckpts = {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
-    assert ckpts == {"best.ckpt", "step_000010.ckpt", "step_000020.ckpt"}
+    assert ckpts == {"step_000010.ckpt", "step_000020.ckpt"}
+    # the best by val/loss is named, not copied; the store is on this machine, so each
+    # checkpoint was written once, into the run, and none is left under outputs/
+    assert run.data.tags["gptlab.best_checkpoint"] in ckpts
+    assert not list(tmp.glob("outputs/**/*.ckpt"))
     # the run ends by printing the sample it logged
     final = Path(client.download_artifacts(run_id, "samples/final.txt", str(tmp)))
     assert final.read_text() in stdout
@@ -141,7 +145,7 @@ def test_bad_sampling_input(in_process, capsys, trained, monkeypatch):
         ([f"run_id={run_id}", "num_samples=0"], ["num_samples"]),
         ([f"run_id={run_id}", "device=cuda"], ["device=cuda", "no CUDA device"]),
         ([f"run_id={run_id}", "device=tpu9"], ["device"]),
-        ([f"run_id={run_id}", "which=nope.ckpt"], ["nope.ckpt", "best.ckpt"]),
+        ([f"run_id={run_id}", "which=nope.ckpt"], ["nope.ckpt", "step_000020.ckpt"]),
         ([f"run_id={run_id}", "nope=1"], ["nope"]),
         ([f"checkpoint={not_a_checkpoint}"], ["not a PyTorch checkpoint"]),
         ([f"checkpoint={no_fields}"], ["not a gptlab checkpoint"]),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from gptlab import store
+from gptlab import CONF_DIR
 from gptlab.models import WINDOWS
 from gptlab.models.gpt import GPT
 from gptlab.runs import Job, run_job
@@ -69,7 +69,7 @@ def step_ms(times: list[float], last_loss: float) -> dict[str, float]:
 
 
 def compose_cfg(overrides: list[str], store_dir: Path):
-    with initialize_config_dir(config_dir=store.CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
         cfg.logger.tracking_uri = f"sqlite:///{store_dir / 'mlflow.db'}"

@@ -33,6 +33,12 @@ class CharTokenizer:
         return cls(sorted(set(text)))
 
     @property
+    def corpus_name(self) -> str:
+        if self.corpus_sha256 == TINY_SHAKESPEARE_SHA256:
+            return "tinyshakespeare"
+        return self.corpus_path.stem if self.corpus_path else "corpus"
+
+    @property
     def vocab_size(self) -> int:
         return len(self.chars)
 
@@ -186,6 +192,7 @@ class CharDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed, self.val_seed = seed, val_seed
         self.corpus_path: Path | None = None
+        self.corpus_sha256 = ""
         self.tokenizer: CharTokenizer | None = None
         self.train_data: torch.Tensor | None = None
         self.val_data: torch.Tensor | None = None
@@ -201,6 +208,7 @@ class CharDataModule(pl.LightningDataModule):
         text = read_text(self.corpus_path)
         if not text:
             raise GptlabError(f"corpus is empty: {self.corpus_path}")
+        self.corpus_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
         self.tokenizer = CharTokenizer.from_text(text)
         # uint8 would not hold large vocabularies; int16 or int32 keeps the gather cheap
         dtype = torch.int16 if self.tokenizer.vocab_size < 2**15 else torch.int32
@@ -216,6 +224,12 @@ class CharDataModule(pl.LightningDataModule):
         self._train_blocks = RandomBlocks(
             self.train_data, self.block_size, self.batch_size, self.seed
         )
+
+    @property
+    def corpus_name(self) -> str:
+        if self.corpus_sha256 == TINY_SHAKESPEARE_SHA256:
+            return "tinyshakespeare"
+        return self.corpus_path.stem if self.corpus_path else "corpus"
 
     @property
     def vocab_size(self) -> int:

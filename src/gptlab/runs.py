@@ -9,6 +9,7 @@ opened still leaves a FAILED (or KILLED) child in the sweep, so the sweep shows 
 
 from __future__ import annotations
 
+import getpass
 import math
 import os
 import socket
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,6 +29,57 @@ from gptlab.resume import LOCAL_DIR_TAG, Resume, last_recorded_steps
 from gptlab.signals import StopSignals
 
 FINISHED, KILLED, FAILED = "FINISHED", "KILLED", "FAILED"
+
+# overrides that change where or how a run is recorded or shown, not what it trains: left
+# out of run names and params
+NOT_TRAINING = ("logger.", "hydra.", "callbacks.", "checkpoint.", "resume", "trainer.enable_",
+                "data.path", "data.cache_dir", "data.pin_memory", "+callbacks.", "+logger.")
+# what every run records as params, beside the overrides it was given: what it trains
+PARAM_KEYS = ("model.", "optim.", "data.block_size", "data.batch_size", "data.train_frac",
+              "data.eval_iters", "data.val_seed", "trainer.max_steps",
+              "trainer.val_check_interval", "trainer.gradient_clip_val", "trainer.precision",
+              "trainer.accelerator", "trainer.devices", "seed")
+
+
+def short_value(value: str) -> str:
+    """A number at 3 significant digits (`0.0004385317` -> `0.000439`), else as given."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if number.is_integer() and "." not in value and "e" not in value.lower():
+        return value
+    return f"{number:.3g}"
+
+
+def short(key: str, value: str) -> str:
+    """`model=gpt` -> `gpt`, `optim.lr=3e-3` -> `lr=0.003`."""
+    return value if "." not in key else f"{key.rsplit('.', 1)[-1]}={short_value(value)}"
+
+
+def overrides_name(overrides: list[str], keys: list[str] | None = None) -> str | None:
+    """A run's name from its overrides: the values of `keys` (a sweep's varied keys), else of
+    every override that changes what is trained: `bigram lr=0.003 n_layer=2`."""
+    pairs = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if (key in keys) if keys is not None else not override.startswith(NOT_TRAINING):
+            pairs.append((key, value))
+    if keys is not None:
+        pairs.sort(key=lambda kv: keys.index(kv[0]))
+    return " ".join(short(k, v) for k, v in pairs) or None
+
+
+def run_params(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """The params a run records: what it trains, and every value its command line set. The
+    whole resolved config is the run's config.yaml artifact."""
+    flat = store.flatten(OmegaConf.to_container(cfg, resolve=True))
+    set_here = {o.lstrip("+~").partition("=")[0] for o in overrides}
+    params = {k: v for k, v in flat.items()
+              if (k.startswith(PARAM_KEYS) or k in set_here) and not k.endswith("_target_")}
+    if "model._target_" in flat:
+        params["model"] = str(flat["model._target_"]).rsplit(".", 1)[-1]
+    return params
 
 
 @dataclass
@@ -62,6 +115,7 @@ class Outcome:
     sample: str = ""
     error: BaseException | None = None
     notes: list[str] = field(default_factory=list)
+    url: str | None = None  # the run's page in the MLflow UI
 
     @property
     def exit_code(self) -> int:
@@ -76,6 +130,7 @@ class RunRecord:
         self.client: MlflowClient | None = None
         self.recorder: Recorder | None = None
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.recorded: dict[str, int] = {}  # on resume: the last step of each metric
         self._lock: store.RunLock | None = None
 
@@ -98,20 +153,24 @@ class RunRecord:
                 LOCAL_DIR_TAG: f"{host}:{self.job.checkpoint_dir.resolve()}"}
 
     def open(self, cfg: DictConfig, tags: dict[str, str], params: dict[str, Any],
-             vocab: str) -> str:
-        """Create the run with its tags, params, config and vocabulary."""
+             vocab: str, dataset: Dataset | None = None) -> str:
+        """Create the run with its tags, params, config, vocabulary and dataset."""
         client, job = self.client, self.job
         experiment_id = store.get_or_create_experiment(client, cfg.logger.experiment_name)
         tags = {**self._base_tags(), **tags, **self._owner_tags()}
         run = client.create_run(experiment_id, run_name=job.run_name, tags=tags)
         self.run_id = run.info.run_id
+        self.experiment_id = experiment_id
         self._lock_run(self.run_id)
         self.recorder.attach(self.run_id)
+        store.log_params(client, self.run_id, {**run_params(cfg, job.overrides), **params})
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        store.log_params(client, self.run_id, {**store.flatten(resolved), **params})
         client.log_text(self.run_id, OmegaConf.to_yaml(resolved), "config.yaml")
         client.log_text(self.run_id, "\n".join(job.overrides) + "\n", "overrides.txt")
         store.log_json(client, self.run_id, {"chars": vocab}, "vocab.json")
+        if dataset is not None:
+            client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[
+                InputTag("mlflow.data.context", "training")])])
         return self.run_id
 
     def reopen(self, resume: Resume, cfg: DictConfig) -> None:
@@ -119,7 +178,7 @@ class RunRecord:
         record what this resumption changes, and mark it RUNNING again."""
         client, run_id = self.client, resume.run_id
         self._lock_run(run_id)
-        self.run_id = run_id
+        self.run_id, self.experiment_id = run_id, resume.run.info.experiment_id
         self.recorder.attach(run_id)
         if resume.spool is not None:
             self.recorder.replay(resume.spool)
@@ -141,7 +200,7 @@ class RunRecord:
     def _base_tags(self) -> dict[str, str]:
         job = self.job
         tags = {"mlflow.source.name": "gptlab-train", "mlflow.source.type": "LOCAL",
-                "gptlab.command": job.command}
+                "mlflow.user": user(), "gptlab.command": job.command}
         if job.sweep is not None:
             tags["mlflow.parentRunId"] = job.sweep.parent_run_id
         return tags
@@ -200,6 +259,13 @@ class RunRecord:
         self.run_id = run.info.run_id
 
 
+def user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        return str(os.getuid())
+
+
 TrainFn = Callable[[RunRecord, StopSignals], tuple[float, str]]
 
 
@@ -219,4 +285,6 @@ def run_job(job: Job, train: TrainFn) -> Outcome:
         status, notes = record.end(FINISHED)
         error = None if status == FINISHED else GptlabError(
             f"recording the run failed: {describe(record.recorder.error)}")
-        return Outcome(status, record.run_id, best, sample, error, notes)
+        url = None if record.client is None or record.run_id is None else store.ui_url(
+            record.client.tracking_uri, record.experiment_id, record.run_id)
+        return Outcome(status, record.run_id, best, sample, error, notes, url)

@@ -2,25 +2,32 @@
 
     gptlab-sample run_id=<id> prompt="ROMEO:" max_new_tokens=500 temperature=0.8 top_k=200
     gptlab-sample run_id=latest num_samples=3 seed=1
-    gptlab-sample checkpoint=outputs/2026-01-01/12-00-00/checkpoints/best.ckpt
+    gptlab-sample checkpoint=outputs/2026-01-01/12-00-00/checkpoints/step_002000.ckpt
+
+torch and MLflow are imported when sampling starts, not with this module, so that
+`gptlab-sample --help` answers at once.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
-from gptlab import checkpoints, checks, store
+from gptlab import CONF_DIR
 from gptlab.errors import GptlabError, exit_on_error
-from gptlab.generation import generate_text
-from gptlab.models import check_sampling_args, check_window
 
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 def check_sample_config(cfg: DictConfig) -> None:
+    from gptlab import checks
+    from gptlab.models import check_sampling_args, check_window
+
     check_sampling_args(cfg.temperature, cfg.top_k)
     check_window(cfg.window, 1)
     checks.integer(cfg, "max_new_tokens", minimum=0)
@@ -32,56 +39,74 @@ def check_sample_config(cfg: DictConfig) -> None:
 
 
 def check_device(device: str) -> None:
+    import torch
+
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except RuntimeError:
         raise GptlabError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise GptlabError(f"device={device}: no CUDA device is available here (use device=cpu)")
-    if kind == "cuda" and torch.device(device).index is not None \
-            and torch.device(device).index >= torch.cuda.device_count():
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
         raise GptlabError(f"device={device}: this machine has {torch.cuda.device_count()} "
                           "CUDA devices")
 
 
-def run_checkpoint(cfg: DictConfig, scratch: Path) -> Path:
-    """The checkpoint file to sample from: `checkpoint=`, else one of the run's."""
-    if cfg.checkpoint:
-        return Path(cfg.checkpoint)
-    client = store.connect(cfg.logger.tracking_uri)
-    if str(cfg.run_id) == "latest":
-        runs = store.search_runs(client, cfg.logger.experiment_name,
-                                 "attributes.status = 'FINISHED'")
-        runs = [r for r in runs if r.data.tags.get("gptlab.sweep") != "true"]
-        if not runs:
-            raise GptlabError(f"experiment {cfg.logger.experiment_name!r} has no finished run")
-        run = runs[0]
-    else:
-        run = store.get_run(client, str(cfg.run_id))
+def checkpoint_name(client: MlflowClient, run: Run, which: str) -> str:
+    """`which` as one of the run's checkpoint files: `best.ckpt` (the one its
+    `gptlab.best_checkpoint` tag names), `newest`, or a file name."""
+    from gptlab import checkpoints, store
+    from gptlab.callbacks import BEST_TAG
+
     run_id = run.info.run_id
     names = store.artifact_names(client, run_id, "checkpoints")
     if not names:
         raise GptlabError(f"run {run_id} has no checkpoint")
-    name = cfg.which
-    if name in ("newest", "last"):
+    name = which
+    if which in ("best", "best.ckpt") and BEST_TAG in run.data.tags:
+        name = run.data.tags[BEST_TAG]
+    elif which in ("newest", "last"):
         steps = checkpoints.step_names(names)
-        name = steps[-1] if steps else None
+        name = steps[-1] if steps else which
     if name not in names:
-        raise GptlabError(f"run {run_id} has no checkpoint {cfg.which!r} "
-                          f"(it has: {', '.join(names)}; or which=newest)")
-    return store.download(client, run_id, f"checkpoints/{name}", scratch)
+        raise GptlabError(f"run {run_id} has no checkpoint {which!r} (it has: "
+                          f"{', '.join(names)}; which= takes best.ckpt, newest or a name)")
+    return name
+
+
+def find_run(client: MlflowClient, run_id: str, experiment: str) -> Run:
+    from gptlab import store
+
+    if run_id != "latest":
+        return store.get_run(client, run_id)
+    runs = [r for r in store.search_runs(client, experiment, "attributes.status = 'FINISHED'")
+            if r.data.tags.get("gptlab.sweep") != "true"]
+    if not runs:
+        raise GptlabError(f"experiment {experiment!r} has no finished run")
+    return runs[0]
 
 
 def sample(cfg: DictConfig) -> list[str]:
+    from gptlab import checkpoints, store
+    from gptlab.generation import generate_text
+
     check_sample_config(cfg)
     with store.scratch() as scratch:
-        ckpt = checkpoints.read_checkpoint(run_checkpoint(cfg, scratch))
+        if cfg.checkpoint:
+            path, source = Path(cfg.checkpoint), str(cfg.checkpoint)
+        else:
+            client = store.connect(cfg.logger.tracking_uri)
+            run = find_run(client, str(cfg.run_id), cfg.logger.experiment_name)
+            name = checkpoint_name(client, run, str(cfg.which))
+            path = store.download(client, run.info.run_id, f"checkpoints/{name}", scratch)
+            source = f"run {run.info.run_id} ({run.info.run_name}), checkpoints/{name}"
+        ckpt = checkpoints.read_checkpoint(path)
+    info = ckpt["gptlab"]
+    print(f"gptlab-sample: {source}, step {info['step']}", file=sys.stderr, flush=True)
     model = checkpoints.model_from_checkpoint(ckpt).to(cfg.device)
     texts = generate_text(
-        model, ckpt["gptlab"]["vocab"], str(cfg.prompt), cfg.max_new_tokens,
-        cfg.temperature, cfg.top_k, cfg.seed, cfg.num_samples, cfg.device, cfg.kv_cache,
-        cfg.window,
-    )
+        model, info["vocab"], str(cfg.prompt), cfg.max_new_tokens, cfg.temperature,
+        cfg.top_k, cfg.seed, cfg.num_samples, cfg.device, cfg.kv_cache, cfg.window)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")
@@ -90,7 +115,7 @@ def sample(cfg: DictConfig) -> list[str]:
     return texts
 
 
-@hydra.main(config_path=store.CONF_DIR, config_name="sample", version_base="1.3")
+@hydra.main(config_path=f"{CONF_DIR}/sample", config_name="sample", version_base="1.3")
 def _task(cfg: DictConfig) -> None:
     sample(cfg)
 

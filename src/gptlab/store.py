@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
+from gptlab import project_root
 from gptlab.errors import GptlabError, first_line
 
 # MLflow's own progress bars for downloads are noise in a training log; a user's setting wins
@@ -34,17 +35,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
-
-
-def project_root() -> Path:
-    """The checkout holding conf/ (an editable install), else the working directory."""
-    return PROJECT_ROOT if (PROJECT_ROOT / "conf").is_dir() else Path.cwd()
-
-
-CONF_DIR = str(project_root() / "conf")
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -204,12 +196,26 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     root = artifact_root(client.tracking_uri)
     location = None if root is None else f"{root}/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
     try:
-        return client.create_experiment(name, artifact_location=location)
+        # the UI then treats it as model training, and asks nobody which kind it is
+        return client.create_experiment(name, artifact_location=location, tags={
+            "mlflow.experimentKind": "custom_model_development"})
     except MlflowException:  # created meanwhile by a parallel job
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+UI_DEFAULT = "http://127.0.0.1:5000"  # where `make ui` serves a local store
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A run's (or an experiment's) page in the MLflow UI, in its model-training view (the
+    UI opens experiments in its GenAI view unless the address asks for this one)."""
+    base = tracking_uri.rstrip("/") if is_remote(tracking_uri) else UI_DEFAULT
+    path = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}{path}?workflowType=machine_learning" + (
+        "" if is_remote(tracking_uri) else "  (make ui)")
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab import store
 from gptlab.console import log
 from gptlab.errors import BAD_INPUT, StopRequested, describe
-from gptlab.runs import Outcome, SweepJob
+from gptlab.runs import Outcome, SweepJob, overrides_name
 
 SWEEP_FILE = ".gptlab_sweep.json"
 
@@ -52,18 +52,21 @@ def varied_keys(config: DictConfig) -> list[str]:
     return keys
 
 
-def short(key: str, value: str) -> str:
-    """`model=gpt` -> `gpt`, `optim.lr=3e-3` -> `lr=3e-3`."""
-    return value if "." not in key else f"{key.rsplit('.', 1)[-1]}={value}"
-
-
 def child_name(varied: list[str], overrides: list[str]) -> str | None:
     """A job's run name from its values of the swept keys: `n_embd=16 lr=0.001`."""
-    values = {}
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        values[key] = value
-    return " ".join(short(k, values[k]) for k in varied if k in values) or None
+    return overrides_name(overrides, varied)
+
+
+def record_best(client, parent_id: str, children: list, varied: list[str]) -> None:
+    """The sweep's best child on its parent run: the value, the child, its swept values."""
+    scored = [r for r in children if "best_val_loss" in r.data.metrics]
+    if not scored:
+        return
+    best = min(scored, key=lambda r: r.data.metrics["best_val_loss"])
+    client.log_metric(parent_id, "best_val_loss", best.data.metrics["best_val_loss"])
+    client.set_tag(parent_id, "gptlab.best_run", f"{best.info.run_name} ({best.info.run_id})")
+    params = {f"best.{k}": best.data.params[k] for k in varied if k in best.data.params}
+    store.log_params(client, parent_id, params)
 
 
 def read_sweep(sweep_dir: Path) -> dict | None:
@@ -151,6 +154,7 @@ class SweepRun(Callback):
             f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000)
         failed = sorted((r for r in children if r.info.status != "FINISHED"),
                         key=lambda r: r.info.run_name or "")
+        record_best(client, parent, children, info["varied"])
         _open_parents.pop(parent, None)
         client.set_terminated(parent, "FAILED" if failed else "FINISHED")
         result = SweepResult(parent, len(children), [r.info.run_name for r in failed])

@@ -13,9 +13,11 @@ records how it ended.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +28,11 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from mlflow.entities import Dataset, Metric
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelSummary, ProgressBar
 
-from gptlab import checks, console, store, sweeps
+from gptlab import CONF_DIR, checks, console, store, sweeps
 from gptlab.callbacks import RunCheckpoints, SampleText, sample_text
 from gptlab.checkpoints import check_matches, model_weights
 from gptlab.console import log
@@ -39,7 +42,7 @@ from gptlab.lit_module import LitLM
 from gptlab.models import class_path
 from gptlab.recorder import RunLogger
 from gptlab.resume import Resume, prepare_resume
-from gptlab.runs import FINISHED, Job, Outcome, RunRecord, run_job
+from gptlab.runs import FINISHED, Job, Outcome, RunRecord, overrides_name, run_job
 from gptlab.schedule import Steps
 from gptlab.signals import StopSignals
 
@@ -168,7 +171,17 @@ def open_run(s: Session, job: Job, record: RunRecord) -> None:
     if s.info["code_version"]:
         tags["mlflow.source.git.commit"] = s.info["code_version"]
     record.open(s.cfg, tags, {"vocab_size": s.dm.vocab_size, "n_params": s.n_params},
-                s.dm.tokenizer.chars)
+                s.dm.tokenizer.chars, dataset_of(s.dm))
+
+
+def dataset_of(dm: CharDataModule) -> Dataset:
+    """The corpus as MLflow shows a run's dataset: name, checksum, where it is, its sizes."""
+    profile = {"characters": len(dm.train_data) + len(dm.val_data),
+               "train_characters": len(dm.train_data), "val_characters": len(dm.val_data),
+               "vocab_size": dm.vocab_size, "sha256": dm.corpus_sha256}
+    return Dataset(name=dm.corpus_name, digest=dm.corpus_sha256[:16], source_type="local",
+                   source=json.dumps({"uri": str(dm.corpus_path)}),
+                   profile=json.dumps(profile))
 
 
 def fit(s: Session) -> None:
@@ -239,6 +252,10 @@ def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
         finally:
             s.close(raise_errors=not failed)
     best = s.checkpoints.best
+    if best is not None and record.recorder is not None:
+        # one figure per run to sort by in the UI (val/loss itself shows the latest)
+        record.recorder.metrics([Metric("best_val_loss", best, int(time.time() * 1000),
+                                        s.checkpoints.best_step)])
     return (math.nan if best is None else best), text
 
 
@@ -261,6 +278,7 @@ def job_from_hydra(cfg: DictConfig) -> Job:
         sweep = sweeps.sweep_job(Path(hc.sweep.dir), overrides, hc.job.num)
     choices = hc.runtime.choices
     name = (cfg.logger.get("run_name") or (sweep.name if sweep and sweep.name else None)
+            or (None if sweep else overrides_name(overrides))
             or choices.get("experiment") or choices.get("model") or "run")
     return Job(cfg=cfg, overrides=overrides, output_dir=Path(hc.runtime.output_dir),
                command=" ".join(["gptlab-train", *sys.argv[1:]]), run_name=str(name),
@@ -277,6 +295,7 @@ def finish(job: Job, outcome: Outcome) -> None:
         if outcome.run_id:
             print(f"MLflow run id: {outcome.run_id}  "
                   f"(sample again: gptlab-sample run_id={outcome.run_id})")
+            print(f"in the MLflow UI: {outcome.url}")
     for note in outcome.notes:
         print(f"gptlab: {note}", file=sys.stderr)
     if outcome.error is not None:
@@ -290,7 +309,7 @@ def finish(job: Job, outcome: Outcome) -> None:
 _outcomes: list[Outcome] = []
 
 
-@hydra.main(config_path=store.CONF_DIR, config_name="train", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _task(cfg: DictConfig) -> float:
     job = job_from_hydra(cfg)
     if job.sweep is not None:
