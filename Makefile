@@ -13,7 +13,7 @@ endif
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install train test lint ui bench clean
+.PHONY: install browser train test lint ui bench clean
 
 install: $(VENV)/.installed
 
@@ -24,12 +24,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+# the browser the UI test drives (Debian's chromium); without root it is left to the user and
+# that test skips
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+		>/dev/null; } || echo "note: install chromium to run the browser test"
+
 ## train the default model (nanoGPT's CPU recipe), print a sample and the MLflow run id
 train: install
 	$(BIN)/gptlab-train $(ARGS)
 
 ## the test suite
-test: install
+test: install browser
 	$(BIN)/ruff check src tests experiments
 	$(BIN)/python -m pytest $(ARGS)
 

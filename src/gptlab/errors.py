@@ -4,6 +4,8 @@ one line on stderr and an exit code. Only `exit_on_error` ends the process."""
 from __future__ import annotations
 
 import functools
+import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -123,17 +125,31 @@ def exit_on_error(fn: Callable[..., Any]) -> Callable[..., NoReturn]:
         # Hydra's errors reach us and become one line like every other
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
-            code = fn(*args, **kwargs)
-        except SystemExit:
-            raise
+            code = fn(*args, **kwargs) or 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException as e:  # noqa: BLE001 - every failure is reported here, once
-            if user_wants_traces and exit_code(e) != 128 + signal.SIGINT:
+            if user_wants_traces and gptlab_cause(e) is None:
                 raise
             report(e)
-            sys.exit(exit_code(e))
+            code = exit_code(e)
         finally:
             if not user_wants_traces:
                 os.environ.pop("HYDRA_FULL_ERROR", None)
-        sys.exit(code or 0)
+        leave(code)
 
     return wrapped
+
+
+def leave(code: int) -> NoReturn:
+    """End the process once its output is flushed. Python's own teardown of the modules torch,
+    Lightning and MLflow load takes seconds (3 s here) and does nothing a finished command
+    needs, so it is skipped, unless worker processes (a parallel sweep's) are still to be
+    shut down by it. Called other than as a console script (main() from Python), a plain
+    exit."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not Path(sys.argv[0]).name.startswith("gptlab-") or multiprocessing.active_children():
+        sys.exit(code)
+    logging.shutdown()  # log files are flushed and closed, as at a normal exit
+    os._exit(code)

@@ -30,10 +30,15 @@ from gptlab.signals import StopSignals
 
 FINISHED, KILLED, FAILED = "FINISHED", "KILLED", "FAILED"
 
-# overrides that change where or how a run is recorded or shown, not what it trains: left
-# out of run names and params
-NOT_TRAINING = ("logger.", "hydra.", "callbacks.", "checkpoint.", "resume", "trainer.enable_",
-                "data.path", "data.cache_dir", "data.pin_memory", "+callbacks.", "+logger.")
+# what changes where or how a run is recorded or shown, not what it trains: left out of
+# run names
+NOT_TRAINING = ("logger", "hydra", "callbacks", "checkpoint", "resume", "trainer.enable_",
+                "trainer.log_every_n_steps", "data.path", "data.cache_dir", "data.pin_memory")
+
+
+def changes_training(key: str) -> bool:
+    return not any(key == k or key.startswith(f"{k}.") or (k.endswith("_") and key.startswith(k))
+                   for k in NOT_TRAINING)
 # what every run records as params, beside the overrides it was given: what it trains
 PARAM_KEYS = ("model.", "optim.", "data.block_size", "data.batch_size", "data.train_frac",
               "data.eval_iters", "data.val_seed", "trainer.max_steps",
@@ -60,23 +65,23 @@ def short(key: str, value: str) -> str:
 def overrides_name(overrides: list[str], keys: list[str] | None = None) -> str | None:
     """A run's name from its overrides: the values of `keys` (a sweep's varied keys), else of
     every override that changes what is trained: `bigram lr=0.003 n_layer=2`."""
-    pairs = []
+    values: dict[str, str] = {}  # a key given twice takes its last value, as Hydra does
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if (key in keys) if keys is not None else not override.startswith(NOT_TRAINING):
-            pairs.append((key, value))
-    if keys is not None:
-        pairs.sort(key=lambda kv: keys.index(kv[0]))
-    return " ".join(short(k, v) for k, v in pairs) or None
+        if (key in keys) if keys is not None else changes_training(key):
+            values[key] = value
+    order = keys if keys is not None else list(values)
+    return " ".join(short(k, values[k]) for k in order if k in values) or None
 
 
 def run_params(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
-    """The params a run records: what it trains, and every value its command line set. The
-    whole resolved config is the run's config.yaml artifact."""
+    """The params a run records: what it trains, including every such value its command line
+    set. The whole resolved config is the run's config.yaml artifact."""
     flat = store.flatten(OmegaConf.to_container(cfg, resolve=True))
     set_here = {o.lstrip("+~").partition("=")[0] for o in overrides}
     params = {k: v for k, v in flat.items()
-              if (k.startswith(PARAM_KEYS) or k in set_here) and not k.endswith("_target_")}
+              if (k.startswith(PARAM_KEYS) or (k in set_here and changes_training(k)))
+              and not k.endswith("_target_")}
     if "model._target_" in flat:
         params["model"] = str(flat["model._target_"]).rsplit(".", 1)[-1]
     return params

@@ -160,9 +160,10 @@ class SweepRun(Callback):
         result = SweepResult(parent, len(children), [r.info.run_name for r in failed])
         results.append(result)
         if failed:
+            rest = (f"; the others finished: gptlab-compare --sweep {parent}"
+                    if len(failed) < len(children) else "")
             print(f"error: {len(failed)} of {len(children)} jobs failed "
-                  f"({', '.join(result.failed)}); the others finished: "
-                  f"gptlab-compare --sweep {parent}", file=sys.stderr)
+                  f"({', '.join(result.failed)}){rest}", file=sys.stderr)
         else:
             print(f"sweep finished: {len(children)} runs under MLflow run {parent} "
                   f"(compare: gptlab-compare --sweep {parent})")
