@@ -227,3 +227,44 @@ def test_config_checks_name_the_key(override, words):
 def test_the_default_config_passes_its_checks():
     checks.check_train_config(train_cfg())
     checks.check_train_config(train_cfg("experiment=bigram"))
+
+
+# --- groups and statistics in gptlab-compare ----------------------------------------------------
+
+def stats_row(name: str, lr: str, seed: str, best: float, curve=()) -> dict:
+    return {"run": name, "best val/loss": best, "final val/loss": best + 0.1,
+            "tokens/s": 1000.0, "ms/step": 10.0, "_params": {"optim.lr": lr, "seed": seed},
+            "_curve": list(curve)}
+
+
+def test_groups_of_repeated_runs_with_interval_and_welch_p():
+    rows = [stats_row(f"r{i}", "0.001", str(i), v) for i, v in enumerate((1.0, 2.0, 3.0))]
+    rows += [stats_row(f"s{i}", "0.003", str(i), v) for i, v in enumerate((4.0, 5.0, 6.0))]
+    table = comparison.groups(rows, ["optim.lr"], baseline="lr=0.001")
+    base, other = table
+    assert (base["group"], base["runs"], base["best val/loss"], base["best std"]) == \
+        ("lr=0.001", 3, 2.0, 1.0)
+    # t(0.975, 2) = 4.303: half-width 4.303 * 1 / sqrt(3)
+    assert base["95% CI +-"] == pytest.approx(4.3027 / 3 ** 0.5, abs=1e-3)
+    # Welch: t = -3 / sqrt(1/3 + 1/3) = -3.674 on 4 degrees of freedom
+    assert other["diff"] == 3.0 and other["p (Welch)"] == pytest.approx(0.02131, abs=1e-4)
+    assert base["diff"] == 0.0 and base["p (Welch)"] != base["p (Welch)"]  # nan
+
+
+def test_group_bad_input():
+    rows = [stats_row("a", "0.001", "0", 1.0)]
+    with pytest.raises(GptlabError, match="names no group.*lr=0.001"):
+        comparison.groups(rows, ["optim.lr"], baseline="lr=0.1")
+
+    class R:
+        data = type("D", (), {"params": {"optim.lr": "0.001"}})()
+
+    with pytest.raises(GptlabError, match="no run has model.pos_emb"):
+        comparison.group_keys([R()], ["model.pos_emb"])
+
+
+def test_a_groups_mean_curve_keeps_the_steps_every_run_has():
+    steps, means, stds = comparison.mean_curve([[(10, 2.0), (20, 1.0)],
+                                                [(10, 4.0), (20, 3.0), (30, 0.5)]])
+    assert steps == [10, 20] and means == [3.0, 2.0]
+    assert stds == pytest.approx([2 ** 0.5, 2 ** 0.5])

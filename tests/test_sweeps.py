@@ -64,7 +64,7 @@ def test_compare_table_and_plot(swept, capsys, tmp_path):
     client = MlflowClient(store_uri(tmp))
     parent = sweep_parent(client, "sweep")
     png = tmp_path / "curves.png"
-    rows = comparison.compare("sweep", "latest", str(png), store_uri(tmp))
+    rows = comparison.compare("sweep", "latest", str(png), store_uri(tmp))["runs"]
     out = capsys.readouterr().out
     assert len(rows) == 4
     best = [r["best val/loss"] for r in rows]
@@ -79,7 +79,7 @@ def test_compare_table_and_plot(swept, capsys, tmp_path):
     assert "model.n_embd" in header and "optim.lr" in header and "model.n_layer" not in header
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     # the whole experiment: the same four runs, the sweep's parent left out
-    assert len(comparison.compare("sweep", None, None, store_uri(tmp))) == 4
+    assert len(comparison.compare("sweep", None, None, store_uri(tmp))["runs"]) == 4
 
 
 @pytest.mark.parametrize("args, words", [
@@ -252,3 +252,32 @@ def test_a_stop_signal_stops_the_sweep_and_records_it_killed(tmp_path, small_cor
     assert parent.info.status == "KILLED"
     runs = children(client, parent.info.run_id)
     assert [(r.info.run_name, r.info.status) for r in runs] == [("lr=0.001", "KILLED")]
+
+
+def test_repeated_seeds_are_grouped_with_statistics(tmp_path, small_corpus, capsys):
+    res = run_cli("gptlab-train", ["-m", *TINY_GPT, "seed=0,1,2", "model.n_layer=1,2",
+                                   "logger.experiment_name=seeds"], tmp_path, small_corpus)
+    assert res.returncode == 0, res.stderr[-3000:]
+    png = tmp_path / "bands.png"
+    out = comparison.compare("seeds", "latest", str(png), store_uri(tmp_path),
+                             by=["model.n_layer"], baseline="n_layer=1")
+    groups = {g["group"]: g for g in out["groups"]}
+    assert set(groups) == {"n_layer=1", "n_layer=2"} and all(
+        g["runs"] == 3 for g in groups.values())
+    client = MlflowClient(store_uri(tmp_path))
+    parent = sweep_parent(client, "seeds")
+    one = [min(m.value for m in client.get_metric_history(r.info.run_id, "val/loss"))
+           for r in children(client, parent.info.run_id) if r.data.params["model.n_layer"] == "1"]
+    assert groups["n_layer=1"]["best val/loss"] == pytest.approx(sum(one) / 3)
+    assert 0.0 <= groups["n_layer=2"]["p (Welch)"] <= 1.0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "groups by model.n_layer" in printed and "p (Welch)" in printed
+    # without --by, runs that differ only in seed are the groups: the same two
+    assert {g["group"] for g in comparison.compare(
+        "seeds", "latest", None, store_uri(tmp_path))["groups"]} == set(groups)
+    # the parent run holds the same summary as a table
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "groups.json",
+                                                      str(tmp_path))).read_text())
+    assert sorted(table["columns"])[:2] == ["95% CI +-", "best std"]
+    assert len(table["data"]) == 2

@@ -106,7 +106,7 @@ def test_a_run_shows_its_creator_dataset_and_the_params_worth_comparing(extras, 
     assert inp.dataset.name == "small" and inp.tags[0].value == "training"
     assert '"train_characters": 18000' in inp.dataset.profile
     params = run.data.params
-    assert params["model"] == "GPT" and params["optim.lr"] == "0.003"
+    assert params["model.class"] == "GPT" and params["optim.lr"] == "0.003"
     assert not [k for k in params if k.startswith(("logger.", "hydra", "data.path"))
                 or k.endswith("_target_") or k == "resume"]
     experiment = client.get_experiment(run.info.experiment_id)

@@ -26,7 +26,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from gptlab import CONF_DIR
-from gptlab.models import WINDOWS
 from gptlab.models.gpt import GPT
 from gptlab.runs import Job, run_job
 from gptlab.train import build_lit, build_model, train
@@ -164,27 +163,37 @@ def training_row(name: str, steps: int, tokens: int, timings: list[list[dict[str
     return row
 
 
+# (window policy, position embeddings) pairs timed: both policies of the GPT with learned
+# positions, and the rotary model's `shift`, which keeps its cache as the window slides
+GENERATION = {"half": ("half", "learned"), "slide": ("slide", "learned"),
+              "rope_slide": ("slide", "rope"), "rope_shift": ("shift", "rope")}
+
+
 def generation(new_tokens: int, device: str, rounds: int) -> dict:
     """Tokens/s generating `new_tokens` from a one-token prompt with a `shakespeare_char`-sized
     GPT, with the KV cache and recomputing the context, under each window policy
     (GPT.generate): the median of `rounds` timings taken in turn."""
-    torch.manual_seed(0)
-    model = GPT(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384).to(device).eval()
+    models = {}
+    for pos_emb in ("learned", "rope"):
+        torch.manual_seed(0)
+        models[pos_emb] = GPT(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384,
+                              pos_emb=pos_emb).to(device).eval()
     idx = torch.zeros(1, 1, dtype=torch.long, device=device)
-    configs = [(window, kv) for window in WINDOWS for kv in (True, False)]
+    configs = [(name, kv) for name in GENERATION for kv in (True, False)]
     rates: dict[tuple[str, bool], list[float]] = {c: [] for c in configs}
     for _ in range(rounds):
-        for window, kv in configs:
+        for name, kv in configs:
+            window, pos_emb = GENERATION[name]
             start = time.perf_counter()
-            model.generate(idx, new_tokens, kv_cache=kv, window=window)
+            models[pos_emb].generate(idx, new_tokens, kv_cache=kv, window=window)
             if device == "cuda":
                 torch.cuda.synchronize()
-            rates[window, kv].append(new_tokens / (time.perf_counter() - start))
+            rates[name, kv].append(new_tokens / (time.perf_counter() - start))
     out: dict = {"new_tokens": new_tokens, "block_size": 256, "rounds": rounds}
-    for window in WINDOWS:
-        cached, plain = (statistics.median(rates[window, kv]) for kv in (True, False))
-        out[window] = {"kv_cache_tok_s": round(cached, 1), "no_cache_tok_s": round(plain, 1),
-                       "speedup": round(cached / plain, 2)}
+    for name in GENERATION:
+        cached, plain = (statistics.median(rates[name, kv]) for kv in (True, False))
+        out[name] = {"kv_cache_tok_s": round(cached, 1), "no_cache_tok_s": round(plain, 1),
+                     "speedup": round(cached / plain, 2)}
     return out
 
 
@@ -236,10 +245,10 @@ def print_table(result: dict) -> None:
         for stat in ("median", "mean"):
             print(" | ".join([row["recipe"], stat, *(str(row[stat][c]) for c in cols)]))
     g = result["generation"]
-    for window in WINDOWS:
-        print(f"generation, window={window} ({g['new_tokens']} tokens, 10.7M-param GPT, block "
-              f"{g['block_size']}): {g[window]['kv_cache_tok_s']} tok/s with KV cache, "
-              f"{g[window]['no_cache_tok_s']} without ({g[window]['speedup']}x)")
+    for name, (window, pos_emb) in GENERATION.items():
+        print(f"generation, window={window}, {pos_emb} positions ({g['new_tokens']} tokens, "
+              f"10.7M-param GPT, block {g['block_size']}): {g[name]['kv_cache_tok_s']} tok/s "
+              f"with KV cache, {g[name]['no_cache_tok_s']} without ({g[name]['speedup']}x)")
     print(f"peak RSS {result['peak_rss_mb']} MB  on {result['machine']['device']}")
 
 

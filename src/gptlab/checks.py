@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.errors import GptlabError, gptlab_cause
 from gptlab.models import check_sampling_args, check_window
+from gptlab.optim import OPTIMIZERS
 from gptlab.schedule import SCHEDULES
 
 
@@ -71,6 +72,13 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.optim.schedule not in SCHEDULES:
         raise GptlabError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, "
                           f"got {cfg.optim.schedule!r}")
+    name = cfg.optim.get("name", "adamw")
+    if name not in OPTIMIZERS:
+        raise GptlabError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    if name == "muon":
+        number(cfg, "optim.muon_lr", 0.0, low_open=True)
+        number(cfg, "optim.muon_momentum", 0.0, 1.0, high_open=True)
+        number(cfg, "optim.muon_weight_decay", 0.0)
     betas = cfg.optim.betas
     if (not OmegaConf.is_list(betas) or len(betas) != 2
             or not all(_number(b) and 0.0 <= b < 1.0 for b in betas)):

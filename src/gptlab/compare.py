@@ -4,6 +4,7 @@ as a plot of their validation-loss curves.
     gptlab-compare                                   # runs of the default experiment
     gptlab-compare --experiment lecture_progression --plot curves.png
     gptlab-compare --sweep latest                    # the children of the newest sweep
+    gptlab-compare --sweep latest --by model.pos_emb --baseline pos_emb=learned
 
 MLflow is imported once the arguments are read (gptlab.comparison), so that --help and a
 wrong argument answer at once.
@@ -42,20 +43,29 @@ def check_plot_path(path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="gptlab-compare", description=__doc__.split("\n\n")[0],
-        epilog="Columns: run name, the params that differ between the runs, best and final "
-               "val/loss, steps, median tokens/s, wall time, status; best val/loss first.")
+        epilog="Runs: name, the params that differ, best and final val/loss, steps, median "
+               "tokens/s, ms/step, wall time, status; best val/loss first. Groups (runs "
+               "repeating a setting with other seeds, or agreeing on --by keys): runs, mean and "
+               "std of best and final val/loss, 95%% confidence interval of the mean (t), "
+               "tokens/s, ms/step; with --baseline, the difference to it and Welch's p-value.")
     ap.add_argument("--experiment", "-e", default="gptlab",
                     help="MLflow experiment name (default: gptlab)")
     ap.add_argument("--sweep", "-s", metavar="RUN_ID",
                     help="compare the children of this sweep's parent run, or 'latest'")
     ap.add_argument("--plot", "-p", metavar="FILE.png", help="write the val/loss curves here")
+    ap.add_argument("--by", nargs="+", metavar="KEY",
+                    help="group runs that agree on these params (default: runs that differ "
+                         "only in seed form a group)")
+    ap.add_argument("--baseline", metavar="GROUP",
+                    help="a group's name (as the table shows it): the other groups' "
+                         "difference to it and Welch's p-value")
     ap.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else mlruns/")
     args = ap.parse_args(argv)
     if args.plot:
         check_plot_path(args.plot)
     from gptlab.comparison import compare
 
-    compare(args.experiment, args.sweep, args.plot, args.tracking_uri)
+    compare(args.experiment, args.sweep, args.plot, args.tracking_uri, args.by, args.baseline)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,36 @@
-"""Runs side by side: which runs, the params that differ, their figures, a table and a plot.
-Reads through MLflow's client API only, so it works against a remote tracking server as well
-as the embedded store. The command line is gptlab.compare."""
+"""Runs side by side: which runs, the params that differ, their figures, groups of repeated
+runs with their statistics, a table and a plot. Reads through MLflow's client API only, so it
+works against a remote tracking server as well as the embedded store. The command line is
+gptlab.compare.
+
+Runs that differ only in `seed` (or agree on the keys named with `--by`) form a group. A
+group shows how many runs it has, the mean and standard deviation of their best and final
+val/loss, a 95% confidence interval of the mean best val/loss (Student's t), tokens/s and
+ms/step; against a baseline group, the difference of the means and the p-value of Welch's
+t-test, which does not assume equal variances.
+"""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from gptlab import store
 from gptlab.errors import GptlabError
 
 # params that say where or how a run was recorded, not what it trained
 _NOT_COMPARED = ("logger.", "hydra.", "callbacks.", "trainer.enable_", "resume",
-                 "checkpoint.", "data.path", "data.cache_dir")
+                 "checkpoint.", "data.path", "data.cache_dir", "best.")
+# what varies between repeats of the same setting
+REPEAT_KEYS = ("seed",)
+# what follows from other params, so never tells settings apart by itself
+DERIVED = ("n_params", "vocab_size", "model.class")
 
 
 def select_runs(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[list[Run], str]:
@@ -24,25 +38,32 @@ def select_runs(client: MlflowClient, experiment: str, sweep: str | None) -> tup
     exp_id = store.experiment_id(client, experiment)
     if sweep is None:
         # filtered here: MLflow's `!=` on a tag also drops the runs without that tag
-        runs = [r for r in client.search_runs([exp_id], max_results=1000)
+        runs = [r for r in client.search_runs([exp_id], max_results=5000)
                 if r.data.tags.get("gptlab.sweep") != "true"]
         title = f"experiment {experiment}"
     else:
-        if sweep == "latest":
-            parents = client.search_runs([exp_id], "tags.gptlab.sweep = 'true'",
-                                         order_by=["attributes.start_time DESC"], max_results=1)
-            if not parents:
-                raise GptlabError(f"experiment {experiment!r} has no sweep")
-            parent = parents[0]
-        else:
-            parent = store.get_run(client, sweep)
-            exp_id = parent.info.experiment_id
-        runs = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                                  max_results=1000)
+        parent = find_sweep(client, exp_id, experiment, sweep)
+        runs = sweep_children(client, parent)
         title = f"{parent.info.run_name} ({parent.info.run_id})"
     if not runs:
         raise GptlabError(f"no runs to compare in {title}")
     return runs, title
+
+
+def find_sweep(client: MlflowClient, exp_id: str, experiment: str, sweep: str) -> Run:
+    if sweep != "latest":
+        return store.get_run(client, sweep)
+    parents = client.search_runs([exp_id], "tags.gptlab.sweep = 'true'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise GptlabError(f"experiment {experiment!r} has no sweep")
+    return parents[0]
+
+
+def sweep_children(client: MlflowClient, parent: Run) -> list[Run]:
+    return client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                              max_results=5000)
 
 
 def differing_params(runs: Sequence[Run]) -> list[str]:
@@ -55,17 +76,29 @@ def summarize(client: MlflowClient, run: Run, keys: Sequence[str]) -> dict[str, 
     steps = client.get_metric_history(run.info.run_id, "train/loss")
     speed = [m.value for m in client.get_metric_history(run.info.run_id, "tokens_per_sec")]
     end = run.info.end_time
+    p = run.data.params
+    batch_tokens = _number(p.get("data.batch_size")) * _number(p.get("data.block_size"))
+    tok_s = statistics.median(speed) if speed else math.nan
     return {
         "run": run.info.run_name,
-        **{k: _short_value(run.data.params.get(k, "")) for k in keys},
-        "best val/loss": min((m.value for m in val), default=float("nan")),
-        "final val/loss": val[-1].value if val else float("nan"),
+        **{k: _short_value(p.get(k, "")) for k in keys},
+        "best val/loss": min((m.value for m in val), default=math.nan),
+        "final val/loss": val[-1].value if val else math.nan,
         "steps": max((m.step for m in steps), default=0),
-        "tokens/s": statistics.median(speed) if speed else float("nan"),
+        "tokens/s": tok_s,
+        "ms/step": 1000 * batch_tokens / tok_s if tok_s == tok_s and tok_s > 0 else math.nan,
         "wall time": f"{(end - run.info.start_time) / 1000:.0f}s" if end else "-",
         "status": run.info.status,
+        "_params": dict(p),
         "_curve": [(m.step, m.value) for m in val],
     }
+
+
+def _number(value: str | None) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _short_value(value: str) -> str:
@@ -73,15 +106,108 @@ def _short_value(value: str) -> str:
     return value.rsplit(".", 1)[-1] if value.startswith("gptlab.") else value
 
 
+# -- groups ------------------------------------------------------------------------------------
+
+def group_keys(runs: Sequence[Run], by: Sequence[str] | None) -> list[str]:
+    """What defines a group: the keys named, or every differing param but the seed."""
+    if by:
+        known = {k for r in runs for k in r.data.params}
+        missing = [k for k in by if k not in known]
+        if missing:
+            raise GptlabError(f"no run has {', '.join(missing)} (--by takes param names such "
+                              f"as {', '.join(sorted(known)[:5])})")
+        return list(by)
+    return [k for k in differing_params(runs) if k not in REPEAT_KEYS + DERIVED]
+
+
+def group_name(params: dict[str, str], keys: Sequence[str]) -> str:
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={_short_value(params.get(k, '-'))}"
+                    for k in keys) or "all"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if v == v]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def confidence_interval(values: Sequence[float], level: float = 0.95) -> float:
+    """Half-width of the confidence interval of the mean (Student's t)."""
+    values = [v for v in values if v == v]
+    if len(values) < 2:
+        return math.nan
+    t = stats.t.ppf(0.5 + level / 2, len(values) - 1)
+    return t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of Welch's t-test that two groups have the same mean."""
+    a, b = [v for v in a if v == v], [v for v in b if v == v]
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def groups(rows: Sequence[dict[str, Any]], keys: Sequence[str], baseline: str | None = None
+           ) -> list[dict[str, Any]]:
+    """One row per group: size, means and spreads, interval, speed; against the baseline,
+    the difference of mean best val/loss and Welch's p-value."""
+    members: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        members.setdefault(group_name(row["_params"], keys), []).append(row)
+    if baseline is not None and baseline not in members:
+        raise GptlabError(f"--baseline {baseline!r} names no group (groups: "
+                          f"{', '.join(sorted(members))})")
+    out = []
+    for name, rs in members.items():
+        best = [r["best val/loss"] for r in rs]
+        final = [r["final val/loss"] for r in rs]
+        (bm, bs), (fm, fs) = mean_std(best), mean_std(final)
+        g = {"group": name, "runs": len(rs), "best val/loss": bm, "best std": bs,
+             "95% CI +-": confidence_interval(best), "final val/loss": fm, "final std": fs,
+             "tokens/s": mean_std([r["tokens/s"] for r in rs])[0],
+             "ms/step": mean_std([r["ms/step"] for r in rs])[0],
+             "_best": best, "_curves": [r["_curve"] for r in rs]}
+        if baseline is not None:
+            base = [r["best val/loss"] for r in members[baseline]]
+            g["diff"] = bm - mean_std(base)[0]
+            g["p (Welch)"] = math.nan if name == baseline else welch_p(best, base)
+        out.append(g)
+    return sorted(out, key=lambda g: (g["best val/loss"] != g["best val/loss"],
+                                      g["best val/loss"]))
+
+
+def mean_curve(curves: Sequence[Sequence[tuple[int, float]]]
+               ) -> tuple[list[int], list[float], list[float]]:
+    """Steps every run of a group validated at, with the mean and standard deviation."""
+    by_step: dict[int, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(s for s, vs in by_step.items() if len(vs) == len(curves))
+    means = [statistics.fmean(by_step[s]) for s in steps]
+    stds = [statistics.stdev(by_step[s]) if len(curves) > 1 else 0.0 for s in steps]
+    return steps, means, stds
+
+
+# -- output ------------------------------------------------------------------------------------
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     cols = [c for c in rows[0] if not c.startswith("_")]
 
-    def fmt(v: Any) -> str:
+    def fmt(c: str, v: Any) -> str:
         if isinstance(v, float):
-            return "-" if v != v else (f"{v:.4f}" if v < 100 else f"{v:,.0f}")
+            if v != v:
+                return "-"
+            if c.startswith("p ("):
+                return f"{v:.3g}"
+            if c == "diff":
+                return f"{v:+.4f}"
+            return f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
         return str(v)
 
-    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    cells = [[fmt(c, r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -89,7 +215,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict[str, Any]], title: str, path: str) -> None:
+def plot(rows: Sequence[dict[str, Any]], title: str, path: str,
+         grouped: Sequence[dict[str, Any]] | None = None) -> None:
+    """val/loss against step: each run, or each group's mean with a band of one std."""
     # imported here, when a plot is asked for: a table alone should not pay for matplotlib
     import matplotlib
 
@@ -97,12 +225,22 @@ def plot(rows: Sequence[dict[str, Any]], title: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        if r["_curve"]:
-            steps, values = zip(*r["_curve"], strict=True)
-            ax.plot(steps, values, marker="o", markersize=3, label=r["run"])
+    if grouped:
+        for g in grouped:
+            steps, means, stds = mean_curve(g["_curves"])
+            if steps:
+                line, = ax.plot(steps, means, marker="o", markersize=3,
+                                label=f"{g['group']} (n={g['runs']})")
+                ax.fill_between(steps, [m - s for m, s in zip(means, stds, strict=True)],
+                                [m + s for m, s in zip(means, stds, strict=True)],
+                                color=line.get_color(), alpha=0.2)
+    else:
+        for r in rows:
+            if r["_curve"]:
+                steps, values = zip(*r["_curve"], strict=True)
+                ax.plot(steps, values, marker="o", markersize=3, label=r["run"])
     ax.set_xlabel("step")
-    ax.set_ylabel("val/loss")
+    ax.set_ylabel("val/loss" + (" (mean, band: one std)" if grouped else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -112,15 +250,24 @@ def plot(rows: Sequence[dict[str, Any]], title: str, path: str) -> None:
 
 
 def compare(experiment: str, sweep: str | None = None, plot_path: str | None = None,
-            tracking_uri: str | None = None) -> list[dict[str, Any]]:
+            tracking_uri: str | None = None, by: Sequence[str] | None = None,
+            baseline: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Print the runs (and their groups, where runs repeat a setting) and plot them."""
     client = store.connect(tracking_uri)
     runs, title = select_runs(client, experiment, sweep)
     keys = differing_params(runs)
     rows = sorted((summarize(client, r, keys) for r in runs),
                   key=lambda r: (r["best val/loss"] != r["best val/loss"], r["best val/loss"]))
+    gkeys = group_keys(runs, by)
+    grouped = groups(rows, gkeys, baseline)
+    repeated = bool(by) or baseline is not None or any(g["runs"] > 1 for g in grouped)
     print(title)
     print(format_table(rows))
+    if repeated:
+        print(f"\ngroups by {', '.join(gkeys) or 'nothing'} (runs that differ only in "
+              f"{', '.join(REPEAT_KEYS)} repeat a setting)")
+        print(format_table(grouped))
     if plot_path:
-        plot(rows, title, plot_path)
+        plot(rows, title, plot_path, grouped if repeated else None)
         print(f"plot written to {plot_path}")
-    return rows
+    return {"runs": rows, "groups": grouped if repeated else []}

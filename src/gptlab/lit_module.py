@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptlab.optim import build_optimizer
 from gptlab.schedule import LRSchedule
 
 
@@ -33,6 +34,10 @@ class LitLM(pl.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.99),
         fused: bool | None = None,
+        name: str = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
         compile: bool = False,
         checkpoint_info: dict[str, Any] | None = None,
         log_every_n_steps: int = 10,
@@ -42,6 +47,9 @@ class LitLM(pl.LightningModule):
         if compile:
             model.compile()  # in place: the state dict, so the checkpoints, keep plain names
         self.lr, self.weight_decay, self.betas, self.fused = lr, weight_decay, tuple(betas), fused
+        self.optimizer_name = name
+        self.muon = {"muon_lr": muon_lr, "muon_momentum": muon_momentum,
+                     "muon_weight_decay": muon_weight_decay}
         self.min_lr, self.warmup_steps, self.schedule_name = min_lr, warmup_steps, schedule
         # null: over the whole run (trainer.max_steps), fixed when the optimizer is made
         self.decay_steps = decay_steps
@@ -119,15 +127,10 @@ class LitLM(pl.LightningModule):
             self._last_time += time.perf_counter() - self._val_started
 
     def configure_optimizers(self) -> dict:
-        # weight decay on matrices (linear and embedding weights) only, as in GPT-2
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
         # the fused kernel is the fastest on GPU; on CPU torch's default (foreach) is
         fused = self.fused if self.fused is not None else self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
+        optimizer = build_optimizer(self.model, self.optimizer_name, self.lr,
+                                    self.weight_decay, self.betas, fused, **self.muon)
         decay_steps = self.decay_steps or self.trainer.max_steps
         schedule = LRSchedule(self.schedule_name, self.lr, self.min_lr, self.warmup_steps,
                               decay_steps)

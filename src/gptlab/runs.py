@@ -78,12 +78,15 @@ def run_params(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """The params a run records: what it trains, including every such value its command line
     set. The whole resolved config is the run's config.yaml artifact."""
     flat = store.flatten(OmegaConf.to_container(cfg, resolve=True))
-    set_here = {o.lstrip("+~").partition("=")[0] for o in overrides}
+    given = dict(o.lstrip("+~").partition("=")[::2] for o in overrides)
     params = {k: v for k, v in flat.items()
-              if (k.startswith(PARAM_KEYS) or (k in set_here and changes_training(k)))
+              if (k.startswith(PARAM_KEYS) or (k in given and changes_training(k)))
               and not k.endswith("_target_")}
+    # config group choices made on the command line (experiment=..., ideas=..., optim=...)
+    params.update({k: v for k, v in given.items()
+                   if "." not in k and k not in flat and changes_training(k)})
     if "model._target_" in flat:
-        params["model"] = str(flat["model._target_"]).rsplit(".", 1)[-1]
+        params["model.class"] = str(flat["model._target_"]).rsplit(".", 1)[-1]
     return params
 
 

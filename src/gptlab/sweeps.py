@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab import store
+from gptlab import comparison, store
 from gptlab.console import log
 from gptlab.errors import BAD_INPUT, StopRequested, describe
 from gptlab.runs import Outcome, SweepJob, overrides_name
@@ -67,6 +67,21 @@ def record_best(client, parent_id: str, children: list, varied: list[str]) -> No
     client.set_tag(parent_id, "gptlab.best_run", f"{best.info.run_name} ({best.info.run_id})")
     params = {f"best.{k}": best.data.params[k] for k in varied if k in best.data.params}
     store.log_params(client, parent_id, params)
+
+
+GROUP_COLUMNS = ("group", "runs", "best val/loss", "best std", "95% CI +-", "final val/loss",
+                 "final std", "tokens/s", "ms/step")
+
+
+def record_groups(client, parent_id: str, finished: list) -> None:
+    """The statistics gptlab-compare shows, as a table on the parent run (groups.json), so
+    the UI shows repeated runs summed up next to the children."""
+    if not finished:
+        return
+    rows = [comparison.summarize(client, r, []) for r in finished]
+    table = comparison.groups(rows, comparison.group_keys(finished, None))
+    client.log_table(parent_id, data={c: [g[c] for g in table] for c in GROUP_COLUMNS},
+                     artifact_file="groups.json")
 
 
 def read_sweep(sweep_dir: Path) -> dict | None:
@@ -155,6 +170,7 @@ class SweepRun(Callback):
         failed = sorted((r for r in children if r.info.status != "FINISHED"),
                         key=lambda r: r.info.run_name or "")
         record_best(client, parent, children, info["varied"])
+        record_groups(client, parent, [r for r in children if r.info.status == "FINISHED"])
         _open_parents.pop(parent, None)
         client.set_terminated(parent, "FAILED" if failed else "FINISHED")
         result = SweepResult(parent, len(children), [r.info.run_name for r in failed])

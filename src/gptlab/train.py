@@ -40,6 +40,7 @@ from gptlab.data import CharDataModule
 from gptlab.errors import GptlabError, exit_on_error, report
 from gptlab.lit_module import LitLM
 from gptlab.models import class_path
+from gptlab.optim import check_optimizer
 from gptlab.recorder import RunLogger
 from gptlab.resume import Resume, prepare_resume
 from gptlab.runs import FINISHED, Job, Outcome, RunRecord, overrides_name, run_job
@@ -145,6 +146,7 @@ def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
             "vocab": dm.tokenizer.chars, "code_version": store.git_commit()}
     if resume is not None:
         check_matches(resume.ckpt, model, info["vocab"])
+    check_optimizer(model, cfg.optim.get("name", "adamw"))
     lit = build_lit(cfg, model, compile_model, info)
     steps = Steps(cfg.trainer.max_steps, cfg.trainer.val_check_interval,
                   cfg.trainer.log_every_n_steps, cfg.checkpoint.every_n_steps)

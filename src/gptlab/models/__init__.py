@@ -32,14 +32,14 @@ def check_sampling_args(temperature: float, top_k: int | None) -> None:
         raise GptlabError(f"top_k must be a positive integer or null, got {top_k!r}")
 
 
-WINDOWS = ("half", "slide")
+WINDOWS = ("half", "slide", "shift")
 
 
 def check_window(window: str, block_size: int) -> int:
     """How many tokens a full context keeps under `window` (see GPT.generate)."""
     if window not in WINDOWS:
         raise GptlabError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
-    return block_size if window == "slide" else max(1, block_size // 2)
+    return max(1, block_size // 2) if window == "half" else block_size
 
 
 def class_path(model: nn.Module) -> str:

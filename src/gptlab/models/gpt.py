@@ -1,11 +1,22 @@
-"""A GPT language model (decoder-only transformer), with switches for the lecture's stages.
+"""A GPT language model (decoder-only transformer), with switches for the lecture's stages and
+for today's ideas.
 
-With every switch on (the default) this is GPT-2's architecture at small scale:
-token + position embeddings, `n_layer` pre-LayerNorm blocks of causal multi-head
-self-attention and a 4x GELU MLP with residual connections, a final LayerNorm and a
-linear head. Turning switches off gives the stages of the "Let's build GPT" lecture:
-`attention="average"` replaces self-attention by causal uniform averaging (bag of words),
-and `ffn`, `residual` and `layernorm` remove those parts.
+With the defaults this is GPT-2's architecture at small scale: token + learned position
+embeddings, `n_layer` pre-LayerNorm blocks of causal multi-head self-attention and a 4x GELU
+MLP with residual connections, a final LayerNorm and a linear head.
+
+The lecture's stages turn parts off: `attention="average"` replaces self-attention by causal
+uniform averaging (bag of words), and `ffn`, `residual` and `layernorm` remove those parts.
+
+Today's ideas, each one switch:
+- `pos_emb="rope"`: rotary position embeddings (Su et al., RoFormer, 2021) instead of learned
+  absolute ones: queries and keys are rotated by their position, so attention sees only
+  relative positions.
+- `norm="rmsnorm"`: RMSNorm (Zhang & Sennrich, 2019), LayerNorm without centring or bias.
+- `mlp="swiglu"`: a SiLU-gated linear unit (Shazeer, 2020); `mlp="relu2"`: squared ReLU
+  (So et al., Primer, 2021).
+- `qk_norm=True`: queries and keys RMS-normalised per head before attention (Dehghani et al.,
+  2023; Wortsman et al., 2023).
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ from torch import nn
 from gptlab.errors import GptlabError
 from gptlab.models import check_sampling_args, check_window, pick_next
 from gptlab.models.averaging import AGGREGATIONS
+
+POS_EMBS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu2")
 
 
 class LayerCache:
@@ -41,26 +54,65 @@ class LayerCache:
         self.n += T
         return [buf[..., :self.n, :] for buf in self.buffers]
 
+    def drop_oldest(self) -> None:
+        """Forget the oldest position, making room for one more."""
+        for buf in self.buffers:
+            buf[..., :self.n - 1, :] = buf[..., 1:self.n, :].clone()
+        self.n -= 1
+
 
 KVCache = list[LayerCache]  # one per block
 
 
+class Rotary(nn.Module):
+    """Rotary position embeddings: channel pair i of a query or key at position p is rotated
+    by the angle p * base^(-2i/head_size), so that q_m . k_n depends on m - n only."""
+
+    def __init__(self, head_size: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hs/2,)
+
+    def angles(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = pos[:, None].float() * self.inv_freq[None, :]  # (T, hs/2)
+        return theta.cos(), theta.sin()
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, nh, T, hs/2) each
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return rotated.flatten(-2).type_as(x)  # (B, nh, T, hs)
+
+
+def make_norm(kind: str, n_embd: int, bias: bool) -> nn.Module:
+    return nn.LayerNorm(n_embd, bias=bias) if kind == "layernorm" else nn.RMSNorm(n_embd)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool,
+                 qk_norm: bool = False):
         super().__init__()
         self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # key, query, value projections
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        hs = n_embd // n_head
+        self.q_norm = nn.RMSNorm(hs) if qk_norm else None
+        self.k_norm = nn.RMSNorm(hs) if qk_norm else None
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = Rotary.rotate(q, *rope), Rotary.rotate(k, *rope)
         # generation fills the cache with the prompt (causal), then feeds one token at a
         # time, which sees every cached key: no mask
         is_causal = cache is None or cache.n == 0
@@ -85,7 +137,8 @@ class CausalAverage(nn.Module):
             )
         self.average = AGGREGATIONS[aggregation]
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if cache is None or cache.n == 0:  # training, or the prompt of a generation
             if cache is not None:
                 cache.extend(x)
@@ -94,40 +147,89 @@ class CausalAverage(nn.Module):
         return seen.mean(dim=1, keepdim=True)  # one new token: (B, 1, C)
 
 
+def mlp_hidden(n_embd: int, kind: str) -> int:
+    """4 x n_embd; for SwiGLU, whose three matrices would otherwise hold 1.5x the parameters
+    of the two of a 4x MLP, 8/3 x n_embd rounded (3 x 8/3 = 2 x 4)."""
+    return round(8 * n_embd / 3) if kind == "swiglu" else 4 * n_embd
+
+
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, dropout: float, bias: bool, kind: str = "gelu"):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.kind = kind
+        hidden = mlp_hidden(n_embd, kind)
+        # SwiGLU's gate and value projections are one matrix, split after it
+        self.c_fc = nn.Linear(n_embd, 2 * hidden if kind == "swiglu" else hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, hidden), or twice that for SwiGLU
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """Communication (attention) then computation (MLP), each on a LayerNorm-ed residual."""
+    """Communication (attention) then computation (MLP), each on a normalised residual."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, attention: str,
-                 aggregation: str, ffn: bool, residual: bool, layernorm: bool):
+                 aggregation: str, ffn: bool, residual: bool, layernorm: bool,
+                 norm: str = "layernorm", mlp: str = "gelu", qk_norm: bool = False):
         super().__init__()
         self.residual = residual
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias) if layernorm else nn.Identity()
+        self.ln_1 = make_norm(norm, n_embd, bias) if layernorm else nn.Identity()
         if attention == "self":
-            self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+            self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm)
         else:
             self.attn = CausalAverage(aggregation)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias) if layernorm and ffn else nn.Identity()
-        self.mlp = MLP(n_embd, dropout, bias) if ffn else None
+        self.ln_2 = make_norm(norm, n_embd, bias) if layernorm and ffn else nn.Identity()
+        self.mlp = MLP(n_embd, dropout, bias, mlp) if ffn else None
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        a = self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        a = self.attn(self.ln_1(x), cache, rope)
         x = x + a if self.residual else a
         if self.mlp is not None:
             m = self.mlp(self.ln_2(x))
             x = x + m if self.residual else m
         return x
+
+
+def check_args(args: dict) -> None:
+    """Refuse a configuration the model cannot be built from, naming the key."""
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        value = args[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise GptlabError(f"model.{name} must be a positive integer, got {value!r}")
+    for name in ("bias", "ffn", "residual", "layernorm", "tie_weights", "qk_norm"):
+        if not isinstance(args[name], bool):
+            raise GptlabError(f"model.{name} must be true or false, got {args[name]!r}")
+    for name, choices in (("attention", ("self", "average")), ("init", ("gpt2", "torch")),
+                          ("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
+        if args[name] not in choices:
+            raise GptlabError(f"model.{name} must be one of {', '.join(choices)}, "
+                              f"got {args[name]!r}")
+    dropout, base = args["dropout"], args["rope_base"]
+    if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise GptlabError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(base, int | float) or isinstance(base, bool) or not base > 1:
+        raise GptlabError(f"model.rope_base must be a number > 1, got {base!r}")
+    n_embd, n_head = args["n_embd"], args["n_head"]
+    if args["attention"] == "self" and n_embd % n_head != 0:
+        raise GptlabError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})")
+    if args["pos_emb"] == "rope":
+        if args["attention"] != "self":
+            raise GptlabError("model.pos_emb=rope rotates queries and keys: it needs "
+                              "model.attention=self")
+        if (n_embd // n_head) % 2:
+            raise GptlabError(f"model.pos_emb=rope rotates channel pairs: the head size "
+                              f"(n_embd / n_head = {n_embd // n_head}) must be even")
 
 
 class GPT(nn.Module):
@@ -147,36 +249,26 @@ class GPT(nn.Module):
         layernorm: bool = True,
         tie_weights: bool = True,
         init: str = "gpt2",
+        pos_emb: str = "learned",
+        rope_base: float = 10000.0,
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        qk_norm: bool = False,
     ):
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("block_size", block_size),
-                            ("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise GptlabError(f"model.{name} must be a positive integer, got {value!r}")
-        for name, value in (("bias", bias), ("ffn", ffn), ("residual", residual),
-                            ("layernorm", layernorm), ("tie_weights", tie_weights)):
-            if not isinstance(value, bool):
-                raise GptlabError(f"model.{name} must be true or false, got {value!r}")
-        if attention not in ("self", "average"):
-            raise GptlabError(f"model.attention must be 'self' or 'average', got {attention!r}")
-        if attention == "self" and n_embd % n_head != 0:
-            raise GptlabError(
-                f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})"
-            )
-        if init not in ("gpt2", "torch"):
-            raise GptlabError(f"model.init must be 'gpt2' or 'torch', got {init!r}")
-        if (not isinstance(dropout, int | float) or isinstance(dropout, bool)
-                or not 0.0 <= dropout < 1.0):
-            raise GptlabError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
+        check_args(dict(locals()))
         self.vocab_size, self.block_size = vocab_size, block_size
         self.wte = nn.Embedding(vocab_size, n_embd)  # token embeddings
-        self.wpe = nn.Embedding(block_size, n_embd)  # position embeddings
+        # position: learned embeddings added to the tokens', or rotations inside attention
+        self.wpe = nn.Embedding(block_size, n_embd) if pos_emb == "learned" else None
+        self.rotary = Rotary(n_embd // n_head, rope_base) if pos_emb == "rope" else None
         self.drop = nn.Dropout(dropout)
         self.h = nn.ModuleList(
-            Block(n_embd, n_head, dropout, bias, attention, aggregation, ffn, residual, layernorm)
+            Block(n_embd, n_head, dropout, bias, attention, aggregation, ffn, residual, layernorm,
+                  norm, mlp, qk_norm)
             for _ in range(n_layer)
         )
-        self.ln_f = nn.LayerNorm(n_embd, bias=bias) if layernorm else nn.Identity()
+        self.ln_f = make_norm(norm, n_embd, bias) if layernorm else nn.Identity()
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         if tie_weights:
             # as in GPT-2: the head reads out in the space the tokens embed into
@@ -202,12 +294,16 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
                 pos_offset: int = 0) -> torch.Tensor:
         B, T = idx.size()
-        if pos_offset + T > self.block_size:
+        if self.wpe is not None and pos_offset + T > self.block_size:
             raise ValueError(f"sequence of {pos_offset + T} exceeds block_size {self.block_size}")
         pos = torch.arange(pos_offset, pos_offset + T, device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        x = self.drop(x)
+        rope = None if self.rotary is None else self.rotary.angles(pos)
         for i, block in enumerate(self.h):
-            x = block(x, None if kv_cache is None else kv_cache[i])
+            x = block(x, None if kv_cache is None else kv_cache[i], rope)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
     @torch.no_grad()
@@ -222,18 +318,32 @@ class GPT(nn.Module):
         tokens down to the newest `block_size // 2` once the window is full, then grows again
         (one recompute per `block_size // 2` tokens). With the KV cache, each step between
         recomputes feeds only the newest token; the tokens are the same with or without it.
+
+        "shift" (rotary position embeddings only) keeps the cache as the window slides, one
+        token at a time: positions are relative, so the newest `block_size` tokens keep their
+        keys and values. That is not the same as recomputing the cropped window (a deeper
+        layer's cached keys still carry tokens that have left it), so the text differs from
+        "slide"'s; without the cache, "shift" recomputes exactly as "slide" does.
         """
         check_sampling_args(temperature, top_k)
         keep = check_window(window, self.block_size)
+        if window == "shift" and self.rotary is None:
+            raise GptlabError("window=shift needs a model with rotary positions "
+                              "(model.pos_emb=rope); use half or slide")
         start = max(0, idx.size(1) - self.block_size)  # first token of the context
+        origin = start  # where positions count from while the cache is kept (shift)
         cache: KVCache | None = None
         for _ in range(max_new_tokens):
             T = idx.size(1)
             if T - start > self.block_size:
                 start = T - keep
-                cache = None
+                if window == "shift" and cache is not None:
+                    for layer in cache:
+                        layer.drop_oldest()
+                else:
+                    origin, cache = start, None
             if kv_cache and cache is not None:
-                logits = self(idx[:, -1:], kv_cache=cache, pos_offset=T - start - 1)
+                logits = self(idx[:, -1:], kv_cache=cache, pos_offset=T - 1 - origin)
             else:
                 cache = [LayerCache(self.block_size) for _ in self.h] if kv_cache else None
                 logits = self(idx[:, start:], kv_cache=cache)
