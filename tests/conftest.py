@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
+from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -96,6 +97,30 @@ def in_process(monkeypatch, tmp_path, small_corpus):
         return code, out.out, out.err
 
     return call
+
+
+def only_run(client: MlflowClient, experiment: str):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def record_of(client: MlflowClient, experiment: str, tmp: Path) -> dict:
+    """Everything a run recorded that must not depend on interruptions."""
+    run = only_run(client, experiment)
+    run_id = run.info.run_id
+    out: dict = {"status": run.info.status}
+    for key in sorted(run.data.metrics):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        # throughput is a timing: only its steps must match
+        out[key] = [m.step if key == "tokens_per_sec" else (m.step, round(m.value, 6))
+                    for m in history]
+    out["samples"] = {Path(f.path).name: Path(client.download_artifacts(
+        run_id, f.path, str(tmp / run_id))).read_text()
+        for f in client.list_artifacts(run_id, "samples")}
+    out["checkpoints"] = sorted(Path(f.path).name
+                                for f in client.list_artifacts(run_id, "checkpoints"))
+    return out
 
 
 def free_port() -> int:

@@ -13,11 +13,13 @@ import pytorch_lightning as pl
 
 class SignalAt(pl.Callback):
     def __init__(self, marker: str, signum: int = signal.SIGTERM, step: int | None = None,
-                 when: str = "step"):
+                 when: str = "step", rank: int = 0):
         self.marker, self.signum, self.step, self.when = Path(marker), signum, step, when
+        self.rank = rank  # in data-parallel training, the rank whose process gets the signal
+        self._my_rank = 0
 
     def _fire(self) -> None:
-        if not self.marker.exists():
+        if self._my_rank == self.rank and not self.marker.exists():
             self.marker.write_text(str(self.signum))
             os.kill(os.getpid(), self.signum)
 
@@ -32,6 +34,7 @@ class SignalAt(pl.Callback):
             self._fire()
 
     def setup(self, trainer, pl_module, stage) -> None:
+        self._my_rank = trainer.global_rank
         # as fit starts: after the run was opened, before the first step
         if self.when == "setup":
             self._fire()
@@ -42,13 +45,14 @@ class SignalAt(pl.Callback):
 
 
 class RaiseAt(pl.Callback):
-    """An unexpected failure (a bug) at a chosen step."""
+    """An unexpected failure (a bug) at a chosen step (in data-parallel training, of one
+    rank's process)."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, rank: int = 0):
+        self.step, self.rank = step, rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
             raise RuntimeError(f"boom at step {self.step}")
 
 

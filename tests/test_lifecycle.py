@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_GPT, run_cli, store_uri
+from conftest import TINY_GPT, only_run, record_of, run_cli, store_uri
 from gptlab import store
 from gptlab import train as train_cli
 
@@ -17,30 +17,6 @@ from gptlab import train as train_cli
 # logged; a checkpoint every 4 steps besides the validations at 10, 20 and the last step, 25
 RECIPE = [*TINY_GPT, "model.dropout=0.1", "trainer.log_every_n_steps=1",
           "checkpoint.every_n_steps=4", "trainer.max_steps=25"]
-
-
-def only_run(client: MlflowClient, experiment: str):
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert len(runs) == 1, [r.info.run_name for r in runs]
-    return runs[0]
-
-
-def record_of(client: MlflowClient, experiment: str, tmp: Path) -> dict:
-    """Everything a run recorded that must not depend on interruptions."""
-    run = only_run(client, experiment)
-    run_id = run.info.run_id
-    out: dict = {"status": run.info.status}
-    for key in sorted(run.data.metrics):
-        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        # throughput is a timing: only its steps must match
-        out[key] = [m.step if key == "tokens_per_sec" else (m.step, round(m.value, 6))
-                    for m in history]
-    out["samples"] = {Path(f.path).name: Path(client.download_artifacts(
-        run_id, f.path, str(tmp / run_id))).read_text()
-        for f in client.list_artifacts(run_id, "samples")}
-    out["checkpoints"] = sorted(Path(f.path).name
-                                for f in client.list_artifacts(run_id, "checkpoints"))
-    return out
 
 
 @pytest.fixture(scope="module")

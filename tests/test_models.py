@@ -105,6 +105,22 @@ def test_generation_reads_the_documented_window(window, kv_cache):
         assert out[0, n] == m(out[:, start:n])[0, -1].argmax()
 
 
+@pytest.mark.parametrize("window", ["half", "slide"])
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_scoring_a_text_reads_the_window_sampling_reads(window, kv_cache):
+    # teacher-forcing a text through predict() is how a window's cost in bits per character
+    # is measured: each logit must be the model's over the documented context
+    m = tiny_gpt().eval()
+    text = torch.randint(V, (2, 3 * T))
+    stream = m.predict(text[:, :4], kv_cache, window)
+    logits = next(stream)
+    for i, start in enumerate(context_starts(window, 4, text.size(1) - 4)):
+        n = 4 + i
+        assert torch.allclose(logits, m(text[:, start:n])[:, -1], atol=1e-5)
+        if n < text.size(1):
+            logits = stream.send(text[:, n:n + 1])
+
+
 def test_unknown_window_is_refused(model):
     with pytest.raises(GptlabError, match="window"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 1, window="rolling")

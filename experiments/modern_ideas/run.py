@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
          for g in groups], indent=2, default=str) + "\n")
     comparison.plot(rows, "val/loss by idea (mean, band: one std over seeds)",
                     str(HERE / "val_loss.png"), groups)
-    (HERE / "samples.md").write_text(samples(client, groups, HERE / ".scratch"))
+    with store.scratch() as scratch:
+        (HERE / "samples.md").write_text(samples(client, groups, scratch))
     print(text)
 
 

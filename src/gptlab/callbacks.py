@@ -10,6 +10,7 @@ ModelCheckpoint saves into a folder and prunes there.
 from __future__ import annotations
 
 import shutil
+import signal
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from gptlab import checkpoints, store
+from gptlab.errors import GptlabError, StopRequested
 from gptlab.generation import generate_text
 from gptlab.models import build_model
 from gptlab.recorder import Record, Recorder, RunLogger
@@ -103,6 +105,15 @@ def sample_text(model: torch.nn.Module, chars: str, prompt: str, **kw: Any) -> s
 BEST_TAG = "gptlab.best_checkpoint"  # the name of the run's best step checkpoint
 
 
+def agreed(trainer: pl.Trainer, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any rank of a data-parallel training: every rank
+    must take the same checkpoints (saving is collective) and stop at the same step."""
+    if trainer.world_size == 1:
+        return list(flags)
+    votes = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
+    return [bool(v > 0) for v in trainer.strategy.reduce(votes, reduce_op="sum")]
+
+
 class RunCheckpoints(pl.Callback):
     """Takes the run's checkpoints, by its step schedule and when a stop is asked for.
 
@@ -139,29 +150,37 @@ class RunCheckpoints(pl.Callback):
         if trainer.state.fn == "validate":
             self.stop.install()
 
-    @pl.utilities.rank_zero_only
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.recorder is not None:
-            if self.recorder.gave_up:
-                self.save(trainer)  # kept on local disk: resume starts from it
-            self.recorder.check()
         step = trainer.global_step
-        if self.steps.validates(step):
-            return  # saved (and stopped, if asked) after the validation
-        if self.stop.requested or self.steps.checkpoints(step):
-            self.save(trainer)
-        self.stop.check()
+        lost = self.recorder is not None and self.recorder.gave_up
+        broken = self.recorder is not None and self.recorder.error is not None
+        stop, lost, broken = agreed(trainer, self.stop.requested, lost, broken)
+        validates = self.steps.validates(step)  # then saved (and stopped) after validating
+        if lost or ((stop or self.steps.checkpoints(step)) and not validates):
+            self.save(trainer)  # with the store lost, kept on local disk: resume starts there
+        if lost or broken:
+            if self.recorder is not None:
+                self.recorder.check()  # rank 0 says why
+            raise GptlabError("rank 0 stopped: recording the run failed")
+        if stop and not validates:
+            self._stop()
 
-    @pl.utilities.rank_zero_only
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         val = trainer.callback_metrics.get("val/loss")
         self.save(trainer, None if val is None else float(val))
+        (stop,) = agreed(trainer, self.stop.requested)
+        if stop:
+            self._stop()
+
+    def _stop(self) -> None:
         self.stop.check()
+        raise StopRequested(signal.SIGTERM)  # a rank asked by another to stop
 
     def save(self, trainer: pl.Trainer, val_loss: float | None = None) -> Path:
+        """Checkpoint the trainer (every rank takes part; rank 0 writes and records)."""
         step = trainer.global_step
         path = self.dirpath / checkpoints.step_name(step)
         improved = val_loss is not None and (self.best is None or val_loss < self.best)
@@ -175,6 +194,8 @@ class RunCheckpoints(pl.Callback):
             self.logger.flush()  # the metrics before this checkpoint are recorded first
         checkpoints.save_atomic(trainer, path)
         self._saved_step = step
+        if not trainer.is_global_zero:
+            return path
         if self.recorder is not None:
             self._hand_over(path, improved)
         self._prune_local()

@@ -40,7 +40,12 @@ def step_names(names: list[str]) -> list[str]:
 
 
 def save_atomic(trainer: pl.Trainer, path: Path) -> None:
-    """Write to a temporary name and rename, so the file at `path` is always complete."""
+    """Write to a temporary name and rename, so the file at `path` is always complete. Every
+    rank of a data-parallel training calls this (Lightning's save waits for all of them);
+    rank 0 writes the file and alone touches it."""
+    if not trainer.is_global_zero:
+        trainer.save_checkpoint(path.with_name(f".{path.name}.tmp"), weights_only=False)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:

@@ -16,6 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from gptlab.ddp import check_devices
 from gptlab.errors import GptlabError, gptlab_cause
 from gptlab.models import check_sampling_args, check_window
 from gptlab.optim import OPTIMIZERS
@@ -94,6 +95,7 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise GptlabError(f"trainer.accelerator={cfg.trainer.accelerator} needs a CUDA GPU and "
                           "none is available here: use trainer=cpu")
+    check_devices(cfg.trainer)
     integer(cfg, "checkpoint.every_n_steps", optional=True)
     integer(cfg, "checkpoint.keep")
     # the validation sample

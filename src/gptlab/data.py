@@ -130,7 +130,8 @@ def get_batch(
 
 class RandomBlocks(IterableDataset):
     """An endless stream of training batches; batch k is drawn from a generator seeded by
-    (seed, k) alone.
+    (seed, k) alone, and by the rank in data-parallel training, where each process draws
+    batches of its own.
 
     Tying each batch to its index, not to a running generator, lets a resumed run draw
     exactly the batches an uninterrupted run would, whatever the loader prefetched.
@@ -140,14 +141,15 @@ class RandomBlocks(IterableDataset):
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
         self.seed = seed
         self.start = 0  # index of the next batch to draw: the global step on resume
+        self.rank = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator()
         k = self.start
         while True:
-            # torch seeds its generator from 32 bits; a large odd multiplier keeps the
-            # streams of nearby seeds apart for the first million steps
-            g.manual_seed((self.seed * 1_000_003 + k) & 0xFFFF_FFFF)
+            # torch seeds its generator from 32 bits; large odd multipliers keep the streams
+            # of nearby seeds (and ranks) apart for the first million steps
+            g.manual_seed((self.seed * 1_000_003 + self.rank * 0x9E3779B1 + k) & 0xFFFF_FFFF)
             yield get_batch(self.data, self.block_size, self.batch_size, g)
             k += 1
 
@@ -239,6 +241,7 @@ class CharDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:
             self._train_blocks.start = self.trainer.global_step
+            self._train_blocks.rank = self.trainer.global_rank
         return DataLoader(self._train_blocks, batch_size=None, pin_memory=self.pin_memory,
                           generator=_private_generator())
 
@@ -248,5 +251,10 @@ class CharDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         x, y = self.val_blocks()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # each process validates every world_size-th block; the LightningModule sums the
+            # losses over all of them, so the figure is the whole set's
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            x, y = x[rank::world], y[rank::world]
         return DataLoader(TensorDataset(x, y), batch_size=self.batch_size,
                           pin_memory=self.pin_memory, generator=_private_generator())

@@ -87,10 +87,11 @@ class LitLM(pl.LightningModule):
     def _log_training(self, step: int, loss: torch.Tensor, batch_tokens: int) -> None:
         # throughput over the logging interval, so the figure is not one noisy step
         now = time.perf_counter()
+        world = self.trainer.world_size  # every process trains on batches of its own
         metrics = {"train/loss": loss.item(), "lr": self.optimizers().param_groups[0]["lr"],
-                   "tokens": float(step * batch_tokens)}
+                   "tokens": float(step * batch_tokens * world)}
         if self._last_time is not None and now > self._last_time:
-            metrics["tokens_per_sec"] = self._tokens_since / (now - self._last_time)
+            metrics["tokens_per_sec"] = world * self._tokens_since / (now - self._last_time)
         self._last_time, self._tokens_since = now, 0
         self.last_metrics.update(metrics)
         for logger in self.loggers:
@@ -99,10 +100,15 @@ class LitLM(pl.LightningModule):
         self.log("train/loss", metrics["train/loss"], prog_bar=True, logger=False)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._val_losses.append(self.loss(batch))
+        n = batch[1].numel()
+        self._val_losses.append(torch.stack([self.loss(batch) * n,
+                                             torch.tensor(float(n), device=self.device)]))
 
     def on_validation_epoch_end(self) -> None:
-        val_loss = torch.stack(self._val_losses).mean()
+        # the loss summed over every validation token and their number, over all processes
+        total, count = self.trainer.strategy.reduce(torch.stack(self._val_losses).sum(0),
+                                                    reduce_op="sum")
+        val_loss = total / count
         self._val_losses.clear()
         self.validated_step = self.global_step
         if self.trainer.sanity_checking:
@@ -111,7 +117,8 @@ class LitLM(pl.LightningModule):
         self.last_metrics.update(metrics)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
-        self.log("val/loss", val_loss, prog_bar=True, logger=False)
+        # reduced above already; sync_dist says so to Lightning, which would warn otherwise
+        self.log("val/loss", val_loss, prog_bar=True, logger=False, sync_dist=True)
 
     def on_train_start(self) -> None:
         # the throughput clock starts with training, so the first logged step after a start

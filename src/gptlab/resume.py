@@ -8,6 +8,8 @@ when the store was away.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +26,10 @@ from gptlab.recorder import SPOOL_NAME
 # what may change when a run is resumed: how long and how often, never what is trained
 RESUME_SAFE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
                "trainer.enable_progress_bar", "trainer.enable_model_summary",
-               "trainer.accelerator", "trainer.devices", "checkpoint.", "callbacks.", "logger.")
+               "trainer.accelerator", "trainer.devices", "trainer.strategy", "checkpoint.",
+               "callbacks.", "logger.")
 LOCAL_DIR_TAG = "gptlab.local_checkpoints"  # "host:path" of the run's checkpoints on disk
+JOB_KEY_TAG = "gptlab.job_key"  # the same for every start of the same job: see find_auto
 
 
 @dataclass
@@ -64,11 +68,19 @@ def resume_overrides(overrides: list[str], cfg: DictConfig, logged: DictConfig
         new, old = _plain(OmegaConf.select(cfg, key)), _plain(OmegaConf.select(logged, key))
         if key != "experiment" and new == old:
             continue
-        if key.startswith(RESUME_SAFE):
-            OmegaConf.update(logged, key, new, force_add=True)
-            changed.append(override)
+        if isinstance(new, dict) and isinstance(old, dict):
+            # a config group (trainer=cpu): judged by the keys whose values it changes
+            flat_new, flat_old = store.flatten(new, f"{key}."), store.flatten(old, f"{key}.")
+            keys = sorted(k for k in flat_new.keys() | flat_old.keys()
+                          if flat_new.get(k) != flat_old.get(k))
         else:
-            refused.append(key)
+            keys = [key]
+        unsafe = [k for k in keys if not k.startswith(RESUME_SAFE)]
+        if unsafe:
+            refused.extend(unsafe or [key])
+            continue
+        OmegaConf.update(logged, key, new, force_add=True, merge=False)
+        changed.append(override)
     return changed, refused
 
 
@@ -99,6 +111,36 @@ def find_run(client: MlflowClient, resume: str, experiment_name: str) -> Run:
             return run
     raise GptlabError(f"experiment {experiment_name!r} has no unfinished run to resume (one "
                       "with a checkpoint that no process is training)")
+
+
+def job_key(experiment_name: str, overrides: list[str], parent_run_id: str | None) -> str:
+    """What names a job across its starts: its experiment, its sweep's parent run and its
+    overrides (resume= aside, as Hydra gives them: a requeued job is the same command)."""
+    same = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "resume"]
+    text = json.dumps([experiment_name, parent_run_id or "", same])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def find_auto(client: MlflowClient, experiment_name: str, key: str) -> Run | None:
+    """`resume=auto`: the newest unfinished run of this same job that has a checkpoint, or
+    None to start a new run. A run of the job that died before its first checkpoint (left
+    RUNNING by a SIGKILL) has nothing to continue and is ended KILLED on the way."""
+    try:
+        runs = store.search_runs(client, experiment_name, f"tags.`{JOB_KEY_TAG}` = '{key}' "
+                                 "and attributes.status != 'FINISHED'")
+    except GptlabError:
+        return None  # the experiment does not exist yet
+    for run in runs:
+        owner = live_owner(client, run)
+        if owner:
+            raise GptlabError(f"this job's run {run.info.run_id} is being trained by {owner}: "
+                              "stop it first (or wait for it to finish)")
+        if (checkpoints.step_names(store.artifact_names(client, run.info.run_id, "checkpoints"))
+                or _local_dir(run)):
+            return run
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+    return None
 
 
 def _local_dir(run: Run) -> Path | None:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab import store
 from gptlab.errors import GptlabError, StopRequested, describe, exit_code
 from gptlab.recorder import SPOOL_NAME, Recorder
-from gptlab.resume import LOCAL_DIR_TAG, Resume, last_recorded_steps
+from gptlab.resume import JOB_KEY_TAG, LOCAL_DIR_TAG, Resume, job_key, last_recorded_steps
 from gptlab.signals import StopSignals
 
 FINISHED, KILLED, FAILED = "FINISHED", "KILLED", "FAILED"
@@ -113,6 +113,12 @@ class Job:
     @property
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
+
+    @property
+    def key(self) -> str:
+        """The same for every start of this job (resume=auto finds its runs by it)."""
+        return job_key(self.cfg.logger.experiment_name, self.overrides,
+                       self.sweep.parent_run_id if self.sweep else None)
 
 
 @dataclass
@@ -208,7 +214,8 @@ class RunRecord:
     def _base_tags(self) -> dict[str, str]:
         job = self.job
         tags = {"mlflow.source.name": "gptlab-train", "mlflow.source.type": "LOCAL",
-                "mlflow.user": user(), "gptlab.command": job.command}
+                "mlflow.user": user(), "gptlab.command": job.command,
+                JOB_KEY_TAG: job.key}
         if job.sweep is not None:
             tags["mlflow.parentRunId"] = job.sweep.parent_run_id
         return tags

@@ -13,6 +13,7 @@ records how it ended.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,17 +33,17 @@ from mlflow.entities import Dataset, Metric
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelSummary, ProgressBar
 
-from gptlab import CONF_DIR, checks, console, store, sweeps
+from gptlab import CONF_DIR, checks, console, ddp, store, sweeps
 from gptlab.callbacks import RunCheckpoints, SampleText, sample_text
-from gptlab.checkpoints import check_matches, model_weights
+from gptlab.checkpoints import check_matches, model_weights, read_checkpoint
 from gptlab.console import log
 from gptlab.data import CharDataModule
-from gptlab.errors import GptlabError, exit_on_error, report
+from gptlab.errors import GptlabError, StopRequested, exit_on_error, report
 from gptlab.lit_module import LitLM
 from gptlab.models import class_path
 from gptlab.optim import check_optimizer
 from gptlab.recorder import RunLogger
-from gptlab.resume import Resume, prepare_resume
+from gptlab.resume import Resume, find_auto, prepare_resume
 from gptlab.runs import FINISHED, Job, Outcome, RunRecord, overrides_name, run_job
 from gptlab.schedule import Steps
 from gptlab.signals import StopSignals
@@ -53,6 +54,8 @@ MLFLOW_SETTINGS = ("tracking_uri", "experiment_name", "run_name", "enabled", "ou
 # Lightning's start-up banners ("GPU available", hosted-service tips) are informational
 # messages of this logger; gptlab prints its own summary of what it runs on
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+# and each rank's "Initializing distributed" line: gptlab's own summary says how many there are
+logging.getLogger("lightning_fabric.utilities.distributed").setLevel(logging.WARNING)
 # Lightning 2.6 on torch 2.13 warns, from this module of its own, about its use of a
 # deprecated torch API (LeafSpec); nothing for our users to act on
 warnings.filterwarnings("ignore", category=FutureWarning,
@@ -165,14 +168,22 @@ def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
 def open_run(s: Session, job: Job, record: RunRecord) -> None:
     if record.client is None:
         return
+    world = s.trainer.world_size
     if s.resume is not None:
         record.reopen(s.resume, s.cfg)
         s.logger.recorded = record.recorded
+        before = s.resume.run.data.params.get("world_size", "1")
+        if before != str(world):
+            # allowed, but each rank draws its own batches: the stream of batches changes
+            record.client.set_tag(record.run_id, "gptlab.world_size_changed",
+                                  f"{before} -> {world} processes at step {s.resume.step}")
         return
     tags = {"gptlab.model_class": s.info["model_class"]}
     if s.info["code_version"]:
         tags["mlflow.source.git.commit"] = s.info["code_version"]
-    record.open(s.cfg, tags, {"vocab_size": s.dm.vocab_size, "n_params": s.n_params},
+    record.open(s.cfg, tags, {"vocab_size": s.dm.vocab_size, "n_params": s.n_params,
+                              "world_size": world,
+                              "global_batch_size": s.cfg.data.batch_size * world},
                 s.dm.tokenizer.chars, dataset_of(s.dm))
 
 
@@ -224,9 +235,12 @@ def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
     checks.check_train_config(cfg)
     with store.scratch() as scratch:
         resume = None
+        if cfg.resume and record.client is None:
+            raise GptlabError("resume needs the MLflow logger (logger=mlflow)")
+        if cfg.resume == "auto":
+            run = find_auto(record.client, cfg.logger.experiment_name, job.key)
+            cfg.resume = None if run is None else run.info.run_id
         if cfg.resume:
-            if record.client is None:
-                raise GptlabError("resume needs the MLflow logger (logger=mlflow)")
             resume = prepare_resume(cfg, record.client, job.overrides, scratch)
             cfg = resume.cfg
             checks.check_train_config(cfg)
@@ -237,22 +251,13 @@ def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
         elif cfg.optim.decay_steps is None:
             # fixed once, so that extending max_steps on resume does not bend the schedule
             cfg.optim.decay_steps = cfg.trainer.max_steps
-        s = setup(cfg, job, record, stop, resume)
-        stop.check()
-        open_run(s, job, record)
-        announce(s, record)
-        failed = True
-        try:
+        world = ddp.world_size(cfg.trainer)
+        with ddp.rank_environment(world) if world > 1 else contextlib.nullcontext():
+            s = setup(cfg, job, record, stop, resume)
             stop.check()
-            fit(s)
-            stop.check()
-            validate(s)
-            stop.check()
-            text = final_sample(s, record)
-            stop.check()
-            failed = False
-        finally:
-            s.close(raise_errors=not failed)
+            open_run(s, job, record)
+            announce(s, record)
+            text = run_phases(s, job, record, stop)
     best = s.checkpoints.best
     if best is not None and record.recorder is not None:
         # one figure per run to sort by in the UI (val/loss itself shows the latest)
@@ -261,11 +266,69 @@ def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
     return (math.nan if best is None else best), text
 
 
+def run_phases(s: Session, job: Job, record: RunRecord, stop: StopSignals) -> str:
+    """Fit, validate the final weights and sample, with the other ranks of a data-parallel
+    training started first; returns the final sample."""
+    failed, ranks = True, None
+    try:
+        stop.check()
+        if s.trainer.world_size > 1:
+            ranks = start_ranks(s, job, stop)
+        fit(s)
+        stop.check()
+        validate(s)
+        stop.check()
+        text = final_sample(s, record)
+        stop.check()
+        failed = False
+        return text
+    except StopRequested:
+        raise
+    except Exception:
+        if ranks is not None:
+            ranks.check(grace=5.0)  # a rank's own failure, not the broken collective it left
+        raise
+    finally:
+        s.close(raise_errors=not failed)
+        if ranks is not None:
+            ranks.stop() if failed else ranks.finish()
+
+
+def start_ranks(s: Session, job: Job, stop: StopSignals) -> ddp.Ranks:
+    """Write the plan for ranks 1..N-1 and start them (SLURM starts its own tasks); return
+    once each is about to join the process group."""
+    ckpt = s.resume.ckpt_path if s.resume is not None else None
+    plan = ddp.write_plan(s.cfg, job.output_dir, ckpt, s.trainer.world_size)
+    ranks = ddp.Ranks(plan, s.trainer.world_size)
+    if ddp.slurm_rank() is None:
+        ranks.start()
+    ranks.wait_ready(lambda: stop.requested)
+    return ranks
+
+
+def follow(plan: ddp.Plan, plan_path: Path, rank: int) -> None:
+    """A rank > 0 of a data-parallel training: rank 0's trainer, trained and validated in
+    step with it. Nothing is recorded here: rank 0 records the run."""
+    cfg = OmegaConf.create(plan.cfg)
+    job = Job(cfg=cfg, overrides=[], output_dir=Path(plan.output_dir), command="",
+              run_name="")
+    resume = None
+    if plan.ckpt_path is not None:
+        path = Path(plan.ckpt_path)
+        resume = Resume(run=None, cfg=cfg, ckpt_path=path, ckpt=read_checkpoint(path))
+    with StopSignals(quiet=True) as stop:
+        s = setup(cfg, job, RunRecord(job), stop, resume)
+        ddp.mark_ready(plan_path, rank)
+        fit(s)
+        validate(s)
+
+
 def announce(s: Session, record: RunRecord) -> None:
     device = "GPU" if s.trainer.accelerator.__class__.__name__.startswith("CUDA") else "CPU"
     log.info(f"gptlab: {s.info['model_class'].rsplit('.', 1)[-1]} with {s.n_params:,} "
              f"parameters, vocabulary of {s.dm.vocab_size}, {len(s.dm.train_data):,} train / "
              f"{len(s.dm.val_data):,} val tokens, {s.steps.max_steps:,} steps on the {device}"
+             + (f" in {s.trainer.world_size} processes (DDP)" if s.trainer.world_size > 1 else "")
              + (f", MLflow run {record.run_id}" if record.run_id else "")
              + (f", resumed from step {s.resume.step}" if s.resume else ""))
 
@@ -314,6 +377,11 @@ _outcomes: list[Outcome] = []
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _task(cfg: DictConfig) -> float:
     job = job_from_hydra(cfg)
+    rank = ddp.slurm_rank()
+    if rank:  # a SLURM task of a data-parallel job: rank 0 opens and records the run
+        plan_path = job.output_dir / ddp.PLAN
+        follow(ddp.wait_for_plan(plan_path), plan_path, rank)
+        return math.nan
     if job.sweep is not None:
         sweeps.report_start(job.sweep)
     outcome = run_job(job, lambda record, stop: train(job, record, stop))

@@ -22,6 +22,7 @@ Today's ideas, each one switch:
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 
 import torch
 import torch.nn.functional as F
@@ -310,14 +311,31 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, kv_cache: bool = True, window: str = "half",
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to idx (B, T).
+        """Append `max_new_tokens` sampled tokens to idx (B, T); `window` and `kv_cache` as
+        in `predict`."""
+        check_sampling_args(temperature, top_k)
+        stream = self.predict(idx, kv_cache, window)
+        logits = next(stream)
+        for i in range(max_new_tokens):
+            idx_next = pick_next(logits, temperature, top_k, generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+            if i + 1 < max_new_tokens:
+                logits = stream.send(idx_next)
+        return idx
+
+    @torch.no_grad()
+    def predict(self, idx: torch.Tensor, kv_cache: bool = True,
+                window: str = "half") -> Generator[torch.Tensor, torch.Tensor, None]:
+        """Yield the logits (B, V) of the token after idx (B, T), then of the token after
+        each token (B, 1) sent in: sampling sends what it drew, scoring a text sends its
+        next token.
 
         The model reads at most `block_size` tokens. Past that, `window` says which:
         "slide" keeps the newest `block_size` (the lecture's cropping; every token shifts
         every position, so each step recomputes the whole window), "half" drops the oldest
         tokens down to the newest `block_size // 2` once the window is full, then grows again
         (one recompute per `block_size // 2` tokens). With the KV cache, each step between
-        recomputes feeds only the newest token; the tokens are the same with or without it.
+        recomputes feeds only the newest token; the logits are the same with or without it.
 
         "shift" (rotary position embeddings only) keeps the cache as the window slides, one
         token at a time: positions are relative, so the newest `block_size` tokens keep their
@@ -325,7 +343,6 @@ class GPT(nn.Module):
         layer's cached keys still carry tokens that have left it), so the text differs from
         "slide"'s; without the cache, "shift" recomputes exactly as "slide" does.
         """
-        check_sampling_args(temperature, top_k)
         keep = check_window(window, self.block_size)
         if window == "shift" and self.rotary is None:
             raise GptlabError("window=shift needs a model with rotary positions "
@@ -333,7 +350,7 @@ class GPT(nn.Module):
         start = max(0, idx.size(1) - self.block_size)  # first token of the context
         origin = start  # where positions count from while the cache is kept (shift)
         cache: KVCache | None = None
-        for _ in range(max_new_tokens):
+        while True:
             T = idx.size(1)
             if T - start > self.block_size:
                 start = T - keep
@@ -347,6 +364,4 @@ class GPT(nn.Module):
             else:
                 cache = [LayerCache(self.block_size) for _ in self.h] if kv_cache else None
                 logits = self(idx[:, start:], kv_cache=cache)
-            idx_next = pick_next(logits[:, -1, :], temperature, top_k, generator)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+            idx = torch.cat((idx, (yield logits[:, -1, :])), dim=1)

@@ -1,0 +1,307 @@
+"""Data-parallel training: the processes (ranks) of one training, started by gptlab.
+
+`trainer.devices=N` with N > 1 (`trainer=ddp` on CPU, `trainer=gpu trainer.devices=N`) trains
+one run on N processes with Lightning's DDP strategy. Lightning would start the other ranks by
+running the command line again; under Hydra that re-runs the whole sweep inside each job of a
+sweep, and each copy would open a run of its own. gptlab starts them itself, as torchrun
+would: rank 0 is the `gptlab-train` process, which checks the config, opens the MLflow run and
+writes a plan (the resolved config and the checkpoint to start from) into the job's output
+folder; ranks 1..N-1 are `python -m gptlab.ddp PLAN` processes that build the same trainer
+from the plan, train and validate in step with rank 0, and never touch the store. Lightning
+finds the ranks in the environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, NODE_RANK,
+LOCAL_RANK) and launches nothing.
+
+Under SLURM (`srun`, or Hydra's submitit launcher with tasks_per_node=N) the ranks are SLURM's
+tasks and every task runs the job: the task with SLURM_PROCID 0 acts as rank 0 does here,
+the others wait for its plan in the job's output folder (on the cluster's shared disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from gptlab.console import log
+from gptlab.errors import GptlabError
+
+PLAN = "ddp/plan.json"  # in the job's output folder
+RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK")
+READY_TIMEOUT = 300.0  # seconds for the other ranks to start (imports, data, model)
+PLAN_TIMEOUT = 600.0  # seconds a SLURM task waits for rank 0's plan
+
+
+def processes_per_node(trainer_cfg: DictConfig) -> int:
+    """How many processes `trainer.devices` asks for on each node, read as Lightning reads
+    it: a count, a list of device ids, or "auto"/-1 (every GPU; one process on a CPU)."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, list | ListConfig):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    if devices in ("auto", -1, "-1"):
+        gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto")
+        return torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
+    try:
+        return int(devices)
+    except (TypeError, ValueError):
+        raise GptlabError(f"trainer.devices must be a number of devices, a list of device ids "
+                          f"or auto, got {devices!r}") from None
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    return processes_per_node(trainer_cfg) * int(trainer_cfg.get("num_nodes", 1) or 1)
+
+
+def check_devices(trainer_cfg: DictConfig) -> None:
+    """Refuse more processes than the machine has devices for, and a process-group backend
+    this torch lacks, before anything is recorded."""
+    n = processes_per_node(trainer_cfg)
+    accelerator = str(trainer_cfg.get("accelerator", "cpu"))
+    if n < 1:
+        raise GptlabError(f"trainer.devices must be at least 1, got {trainer_cfg.devices!r}")
+    if accelerator == "cpu" and n > (os.cpu_count() or 1):
+        raise GptlabError(f"trainer.devices={n} asks for {n} processes, but this machine has "
+                          f"{os.cpu_count()} CPU cores")
+    if accelerator in ("gpu", "cuda") and n > torch.cuda.device_count():
+        raise GptlabError(f"trainer.devices={n} asks for {n} GPUs, but this machine has "
+                          f"{torch.cuda.device_count()}")
+    strategy = trainer_cfg.get("strategy")
+    backend = strategy.get("process_group_backend") if OmegaConf.is_dict(strategy) else None
+    if backend is not None and n > 1 and not (torch.distributed.is_available()
+                                              and torch.distributed.is_backend_available(backend)):
+        raise GptlabError(f"trainer.strategy.process_group_backend={backend} is not available "
+                          "in this torch build (gloo runs on CPUs, nccl on NVIDIA GPUs)")
+
+
+def slurm_rank() -> int | None:
+    """This task's rank when SLURM started the training's processes (more than one task),
+    else None."""
+    if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ["SLURM_PROCID"])
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def rank_environment(world: int) -> Iterator[None]:
+    """Rank 0's environment for the training (Lightning reads it when the trainer is built),
+    put back afterwards: the next job of a sweep in this process gets a port of its own."""
+    saved = {k: os.environ.get(k) for k in RANK_ENV}
+    threads = torch.get_num_threads()
+    if slurm_rank() is None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                          WORLD_SIZE=str(world), NODE_RANK="0", LOCAL_RANK="0", RANK="0")
+        torch.set_num_threads(threads_per_rank(world))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class Plan:
+    """What the other ranks need to build rank 0's trainer."""
+
+    cfg: dict[str, Any]
+    output_dir: str
+    ckpt_path: str | None
+    world_size: int
+    attempt: str = ""
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=1))
+        os.replace(tmp, path)  # a waiting SLURM task never reads half a plan
+
+    @classmethod
+    def read(cls, path: Path) -> Plan:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def attempt() -> str:
+    """Which start of the job this is: a requeued SLURM job runs again in the same output
+    folder, and its tasks must not read the plan of the start before."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else ""
+
+
+def threads_per_rank(procs_per_node: int) -> int:
+    """CPU threads for each rank of a training: the machine's cores shared out (what
+    Lightning's own launcher sets), unless OMP_NUM_THREADS says otherwise."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // procs_per_node)
+
+
+def exit_with_parent() -> None:
+    """In a rank started by rank 0: end when rank 0 is gone, however it ended (SIGKILL
+    included), rather than wait in a collective for a peer that will never come."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gptlab-parent-watch", daemon=True).start()
+
+
+class Ranks:
+    """Ranks 1..N-1 of a training on this machine, as child processes of rank 0."""
+
+    def __init__(self, plan_path: Path, world: int):
+        self.plan_path, self.world = plan_path, world
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: dict[int, Path] = {}
+
+    def start(self) -> None:
+        for rank in range(1, self.world):
+            log = self.plan_path.parent / f"rank{rank}.log"
+            env = dict(os.environ, LOCAL_RANK=str(rank), RANK=str(rank),
+                       OMP_NUM_THREADS=str(torch.get_num_threads()))
+            with open(log, "w") as out:
+                self.procs[rank] = subprocess.Popen(
+                    [sys.executable, "-m", "gptlab.ddp", str(self.plan_path)], env=env,
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.logs[rank] = log
+
+    def _ready(self, rank: int) -> Path:
+        return ready_file(self.plan_path, rank)
+
+    def wait_ready(self, stop_requested: Any = lambda: False) -> None:
+        """Wait until every rank is about to join the process group (so that a rank that fails
+        while starting is reported, not waited for in the group's rendezvous)."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(self._ready(r).exists() for r in range(1, self.world)):
+            self.check()
+            if stop_requested() or time.monotonic() > deadline:
+                raise GptlabError("the other training processes did not start in time"
+                                  if not stop_requested() else "stopped while starting")
+            time.sleep(0.05)
+
+    def check(self, grace: float = 0.0) -> None:
+        """Raise the failure of a rank that ended with an error, waiting up to `grace`
+        seconds for one to end."""
+        deadline = time.monotonic() + grace
+        while True:
+            for rank, proc in self.procs.items():
+                code = proc.poll()
+                if code not in (None, 0):
+                    raise GptlabError(f"the training process of rank {rank} failed (exit "
+                                      f"{code}): {last_line(self.logs[rank])}")
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.1)
+
+    def finish(self, timeout: float = 60.0) -> None:
+        """Wait for the ranks to end (they end with rank 0); stop the ones that do not, and
+        say which of them failed."""
+        deadline = time.monotonic() + timeout
+        for rank, proc in self.procs.items():
+            try:
+                code = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    code = proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    code = proc.wait()
+            if code != 0:
+                log.warning(f"gptlab: rank {rank} ended with exit {code}: "
+                            f"{last_line(self.logs[rank])}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+
+
+def last_line(path: Path) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def ready_file(plan_path: Path, rank: int) -> Path:
+    return plan_path.parent / f"rank{rank}{'.' + attempt() if attempt() else ''}.ready"
+
+
+def mark_ready(plan_path: Path, rank: int) -> None:
+    ready_file(plan_path, rank).touch()
+
+
+def write_plan(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, world: int) -> Path:
+    """Rank 0's plan for the others, in a fresh `ddp/` folder of the job's output folder; a
+    checkpoint to start from is copied beside it when other machines' tasks read it."""
+    folder = output_dir / Path(PLAN).parent
+    if slurm_rank() is None:
+        shutil.rmtree(folder, ignore_errors=True)  # no rank started yet: nothing reads it
+    folder.mkdir(parents=True, exist_ok=True)
+    if ckpt_path is not None and slurm_rank() is not None:
+        shutil.copy(ckpt_path, folder / "resume.ckpt")
+        ckpt_path = folder / "resume.ckpt"
+    path = output_dir / PLAN
+    Plan(OmegaConf.to_container(cfg, resolve=True), str(output_dir),
+         None if ckpt_path is None else str(ckpt_path), world, attempt()).write(path)
+    return path
+
+
+def wait_for_plan(path: Path, timeout: float = PLAN_TIMEOUT) -> Plan:
+    """A SLURM task of rank > 0: rank 0's plan for this start of the job, once written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            plan = Plan.read(path)
+            if plan.attempt == attempt():
+                return plan
+        if time.monotonic() > deadline:
+            raise GptlabError(f"rank 0 wrote no plan at {path} within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gptlab.ddp PLAN`: one rank > 0 of a training that rank 0 started."""
+    from gptlab.errors import describe, exit_code
+    from gptlab.train import follow
+
+    argv = sys.argv[1:] if argv is None else argv
+    plan_path = Path(argv[0])
+    exit_with_parent()
+    try:
+        follow(Plan.read(plan_path), plan_path, int(os.environ["RANK"]))
+    except BaseException as e:  # noqa: BLE001 - rank 0 reports it; one line in this rank's log
+        print(f"error: {describe(e)}", flush=True)
+        return exit_code(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Data-parallel training (Lightning's DDP over gloo, 2 processes on this CPU): the same
+step as one process on the whole batch, one MLflow run per training, the same validation
+figure as one process, exact resume and stop signals across ranks, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, TINY_GPT, free_port, only_run, record_of, run_cli, store_uri
+from gptlab.checkpoints import model_from_checkpoint, read_checkpoint
+from gptlab.data import CharDataModule
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ddp_step  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
+                                or not torch.distributed.is_gloo_available(),
+                                reason="torch without gloo")
+
+DDP = [*TINY_GPT, "trainer=ddp", "model.dropout=0.1", "trainer.log_every_n_steps=1",
+       "checkpoint.every_n_steps=4", "trainer.max_steps=25"]
+
+
+def test_a_step_on_two_ranks_equals_a_step_on_the_whole_batch(tmp_path):
+    out = tmp_path / "ddp.pt"
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "ddp_step.py"), str(out)],
+        env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                 NODE_RANK="0", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    for p in procs:
+        output = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, output[-3000:]
+    ddp = torch.load(out)
+    whole = ddp_step.step(ddp_step.whole_batch(), devices=1).model.state_dict()
+    start = ddp_step.lit().model.state_dict()
+    moved = max((whole[k] - start[k]).abs().max().item() for k in whole)
+    diff = max((whole[k] - ddp[k]).abs().max().item() for k in whole)
+    print(f"largest weight change {moved:.2e}, largest DDP difference {diff:.2e}")
+    assert moved > 1e-3  # the step moved the weights ...
+    assert diff < 1e-5  # ... and both ways moved them alike
+
+
+@pytest.fixture(scope="module")
+def straight_ddp(tmp_path_factory, small_corpus):
+    tmp = tmp_path_factory.mktemp("ddp")
+    res = run_cli("gptlab-train", [*DDP, "logger.experiment_name=straight"], tmp, small_corpus)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp, res, record_of(MlflowClient(store_uri(tmp)), "straight", tmp)
+
+
+def test_one_run_per_training_with_the_world_recorded(straight_ddp):
+    tmp, res, record = straight_ddp
+    client = MlflowClient(store_uri(tmp))
+    run = only_run(client, "straight")  # the other rank opened no run of its own
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2"
+    assert run.data.params["global_batch_size"] == "8"  # data.batch_size=4 on each of 2
+    assert "in 2 processes (DDP)" in res.stdout + res.stderr
+    # one output folder for the training; rank 1's log beside rank 0's
+    logs = list(tmp.glob("outputs/*/*/gptlab-train.log"))
+    assert len(logs) == 1
+    assert (logs[0].parent / "ddp" / "rank1.log").is_file()
+    # tokens count both ranks' batches
+    tokens = client.get_metric_history(run.info.run_id, "tokens")
+    last = max(tokens, key=lambda m: m.step)
+    assert last.value == last.step * 4 * 16 * 2
+
+
+def test_validation_is_the_whole_set_as_one_process_scores_it(straight_ddp, small_corpus):
+    tmp, _, record = straight_ddp
+    client = MlflowClient(store_uri(tmp))
+    run = only_run(client, "straight")
+    path = client.download_artifacts(run.info.run_id, "checkpoints/step_000025.ckpt",
+                                     str(tmp / "dl"))
+    model = model_from_checkpoint(read_checkpoint(Path(path))).eval()
+    dm = CharDataModule(path=str(small_corpus), block_size=16, batch_size=4, eval_iters=2)
+    dm.setup()
+    x, y = dm.val_blocks()
+    with torch.no_grad():
+        logits = model(x)
+    expected = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    recorded = dict(record["val/loss"])[25]
+    assert math.isclose(recorded, expected, rel_tol=1e-5), (recorded, expected)
+
+
+def test_a_stopped_ddp_run_resumes_to_the_same_record(straight_ddp, small_corpus):
+    tmp, _, expected = straight_ddp
+    first = run_cli("gptlab-train", [
+        *DDP, "logger.experiment_name=stopped",
+        "+callbacks.interrupt._target_=interrupt.SignalAt",
+        f"+callbacks.interrupt.marker={tmp / 'stopped.fired'}", "+callbacks.interrupt.step=12"],
+        tmp, small_corpus)
+    assert first.returncode == 143, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+    client = MlflowClient(store_uri(tmp))
+    run = only_run(client, "stopped")
+    assert run.info.status == "KILLED"
+    resumed = run_cli("gptlab-train", ["resume=latest", "logger.experiment_name=stopped"],
+                      tmp, small_corpus)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert record_of(client, "stopped", tmp) == expected
+
+
+def test_resuming_with_another_world_size_is_recorded(straight_ddp, small_corpus):
+    tmp, _, _ = straight_ddp
+    client = MlflowClient(store_uri(tmp))
+    run = only_run(client, "straight")
+    res = run_cli("gptlab-train", [f"resume={run.info.run_id}", "trainer=cpu",
+                                   "trainer.devices=1", "trainer.max_steps=30",
+                                   "logger.experiment_name=straight"], tmp, small_corpus)
+    assert res.returncode == 0, res.stderr[-3000:]
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["gptlab.world_size_changed"] == "2 -> 1 processes at step 25"
+
+
+def test_a_failing_rank_fails_the_run_with_its_reason(tmp_path, small_corpus):
+    res = run_cli("gptlab-train", [*DDP, "logger.experiment_name=boom",
+                                   "+callbacks.boom._target_=interrupt.RaiseAt",
+                                   "+callbacks.boom.step=3", "+callbacks.boom.rank=1"],
+                  tmp_path, small_corpus)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the training process of rank 1 failed"), res.stderr[-2000:]
+    assert "boom at step 3" in last
+    run = only_run(MlflowClient(store_uri(tmp_path)), "boom")
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["trainer=ddp", f"trainer.devices={(os.cpu_count() or 1) + 1}"], ["trainer.devices", "cores"]),
+    (["trainer=ddp", "trainer.strategy.process_group_backend=nccl"], ["nccl", "not available"]),
+    (["resume=auto", "logger=none"], ["resume", "logger"]),
+])
+def test_bad_parallel_settings_are_refused_in_one_line(tmp_path, small_corpus, args, words):
+    if "nccl" in args[1] and torch.distributed.is_nccl_available():
+        pytest.skip("this torch has nccl")
+    res = run_cli("gptlab-train", [*TINY_GPT, *args, "logger.experiment_name=bad"], tmp_path,
+                  small_corpus)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert all(w in line for w in words), line
+    db = tmp_path / "mlruns" / "mlflow.db"
+    if db.exists():  # nothing recorded: no experiment, or one without runs
+        client = MlflowClient(store_uri(tmp_path))
+        exp = client.get_experiment_by_name("bad")
+        assert exp is None or not client.search_runs([exp.experiment_id])
+
+
+def test_the_plan_holds_the_resolved_config(straight_ddp):
+    tmp, _, _ = straight_ddp
+    plan = json.loads(next(tmp.glob("outputs/*/*/ddp/plan.json")).read_text())
+    assert plan["world_size"] == 2
+    assert plan["cfg"]["trainer"]["devices"] == 2
