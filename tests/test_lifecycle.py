@@ -169,3 +169,33 @@ def test_a_failed_resume_leaves_the_finished_run_as_it_was(tmp_path, small_corpu
     assert after.info.status == "FINISHED" and after.data.tags == run.data.tags
     assert Path(client.download_artifacts(run.info.run_id, "config.yaml",
                                           str(tmp_path / "b"))).read_text() == config
+
+
+def test_a_job_killed_and_started_again_twice_ends_as_one_run(straight, small_corpus):
+    # a preempted cluster job is started again with the same command; resume=auto continues
+    # its run from the last checkpoint, however often that happens
+    tmp, expected = straight
+    command = [*RECIPE, "logger.experiment_name=requeued", "resume=auto"]
+    for i, step in enumerate((7, 15)):
+        command += [f"+callbacks.kill{i}._target_=interrupt.SignalAt",
+                    f"+callbacks.kill{i}.marker={tmp / f'requeued-{i}.fired'}",
+                    f"+callbacks.kill{i}.step={step}", f"+callbacks.kill{i}.signum=9"]
+    codes = [run_cli("gptlab-train", command, tmp, small_corpus).returncode for _ in range(3)]
+    assert codes == [-9, -9, 0]
+    client = MlflowClient(store_uri(tmp))
+    run = only_run(client, "requeued")  # one run, however many starts
+    assert len([k for k in run.data.tags if k.startswith("gptlab.resume.")]) == 2
+    assert record_of(client, "requeued", tmp) == expected
+
+
+def test_auto_resume_ends_a_run_killed_before_its_first_checkpoint(tmp_path, small_corpus):
+    command = [*TINY_GPT, "logger.experiment_name=early", "resume=auto",
+               "+callbacks.kill._target_=interrupt.SignalAt",
+               f"+callbacks.kill.marker={tmp_path / 'fired'}", "+callbacks.kill.when=setup",
+               "+callbacks.kill.signum=9"]
+    assert run_cli("gptlab-train", command, tmp_path, small_corpus).returncode == -9
+    assert run_cli("gptlab-train", command, tmp_path, small_corpus).returncode == 0
+    client = MlflowClient(store_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("early").experiment_id])
+    # nothing to continue: a new run, and the orphan no longer says RUNNING
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]

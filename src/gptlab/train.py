@@ -400,6 +400,7 @@ def _task(cfg: DictConfig) -> float:
 @exit_on_error
 def main() -> int:
     console.line_buffered()
+    sweeps.check_launcher(sys.argv[1:])
     _outcomes.clear()
     try:
         _task()
