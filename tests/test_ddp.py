@@ -164,3 +164,13 @@ def test_the_plan_holds_the_resolved_config(straight_ddp):
     plan = json.loads(next(tmp.glob("outputs/*/*/ddp/plan.json")).read_text())
     assert plan["world_size"] == 2
     assert plan["cfg"]["trainer"]["devices"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_ddp_over_nccl_on_two_gpus(tmp_path, small_corpus):
+    res = run_cli("gptlab-train", [*TINY_GPT, "trainer=gpu", "trainer.devices=2",
+                                   "logger.experiment_name=gpus"], tmp_path, small_corpus)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = only_run(MlflowClient(store_uri(tmp_path)), "gpus")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,14 @@ class SampleText(pl.Callback):
     """Logs a generated sample at every validation (samples/step_NNNNNN.txt), so the UI
     shows the text improving.
 
-    The sample is drawn on a thread of its own from a copy of the weights taken at the
-    validation, with a generator of its own: training goes on meanwhile, its random state
-    untouched. Its place in the recorder's queue is taken at the validation, so it is written
-    before the checkpoint that follows it (a resumed run never lacks a sample). What it needs
-    besides its settings (the run's recorder, the model's class and vocabulary) it takes from
-    the trainer when fit starts, so it is configured like any Lightning callback."""
+    The sample is drawn from a copy of the weights (an uncompiled model, whatever training
+    runs) with a generator of its own, so training's random state is untouched, and handed to
+    the recorder before the checkpoint that follows it (a resumed run never lacks a sample).
+    It is drawn on the training thread: torch ops on a second thread gave that thread an
+    OpenMP team of its own, and on a CPU training then ran up to 2.5x slower for the rest of
+    the run (experiments/benchmarks). What it needs besides its settings (the run's recorder,
+    the model's class and vocabulary) it takes from the trainer when fit starts, so it is
+    configured like any Lightning callback."""
 
     def __init__(self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 1.0,
                  top_k: int | None = None, seed: int = 1337, window: str = "half"):
@@ -46,8 +47,6 @@ class SampleText(pl.Callback):
                        seed=seed, window=window)
         self.recorder: Recorder | None = None
         self.chars = ""
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
         self._copy: torch.nn.Module | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -55,10 +54,10 @@ class SampleText(pl.Callback):
         self.chars = info["vocab"]
         self.recorder = next((lg.recorder for lg in trainer.loggers
                               if isinstance(lg, RunLogger)), None)
-        if self._copy is None:
-            # building a model initialises its weights from the global generator: on this
-            # thread, with the generator's state put back, so that training's stream of random
-            # numbers is the same whenever (and whether) samples are drawn
+        if self._copy is None and self.recorder is not None:
+            # building a model initialises its weights from the global generator: with the
+            # generator's state put back, training's stream of random numbers is the same
+            # whether samples are drawn or not
             with torch.random.fork_rng(devices=[]):
                 self._copy = build_model(info["model_class"], dict(info["model_kwargs"]))
 
@@ -66,31 +65,11 @@ class SampleText(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.recorder is None:
             return
-        name = f"samples/step_{trainer.global_step:06d}.txt"
-        weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptlab-sample")
-        self._pending = [f for f in self._pending if not f.done() or f.exception()]
-        future = self._pool.submit(self._sample, weights)
-        self._pending.append(future)
-        self.recorder.submit("pending_text", future, name)
-
-    def _sample(self, weights: dict[str, torch.Tensor]) -> str:
-        self._copy.to(next(iter(weights.values())).device)
+        self._copy.to(pl_module.device)
         with torch.inference_mode():
-            self._copy.load_state_dict(weights)
-            return sample_text(self._copy, self.chars, self.prompt, **self.kw)
-
-    def close(self) -> None:
-        """Wait for the samples under way and raise the first failure."""
-        pending, self._pending = self._pending, []
-        try:
-            for f in pending:
-                f.result()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
+            self._copy.load_state_dict(pl_module.model.state_dict())
+            text = sample_text(self._copy, self.chars, self.prompt, **self.kw)
+        self.recorder.submit("text", text, f"samples/step_{trainer.global_step:06d}.txt")
 
 
 def sample_text(model: torch.nn.Module, chars: str, prompt: str, **kw: Any) -> str:

@@ -35,7 +35,7 @@ from gptlab.errors import GptlabError, first_line
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 SPOOL_NAME = "unsent.jsonl"
 # what can wait in a local file until the store is back: plain data, not actions
-SPOOLABLE = ("metrics", "tag", "text", "pending_text")
+SPOOLABLE = ("metrics", "tag", "text")
 
 
 def is_outage(e: BaseException) -> bool:
@@ -66,8 +66,6 @@ class Record:
         kind, args = self.kind, self.args
         if kind == "metrics":
             args = ([[m.key, m.value, m.timestamp, m.step] for m in args[0]],)
-        elif kind == "pending_text":  # a sample drawn meanwhile is kept as text
-            kind, args = "text", (args[0].result(), args[1])
         return json.dumps({"kind": kind, "args": list(args)}, ensure_ascii=False)
 
     @classmethod
@@ -164,8 +162,7 @@ class Recorder:
         """Save the writes not made that can wait (metrics, tags, texts) to `path`; returns
         how many metric points it holds."""
         with self._cond:
-            records = [r for r in self._queue if r.kind in SPOOLABLE and not (
-                r.kind == "pending_text" and not r.args[0].done())]
+            records = [r for r in self._queue if r.kind in SPOOLABLE]
         # written even when empty: it also marks the local checkpoints as safe to resume from
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
@@ -229,8 +226,6 @@ class Recorder:
             self.client.set_tag(self.run_id, *args)
         elif kind == "text":
             self.client.log_text(self.run_id, *args)
-        elif kind == "pending_text":  # a text still being made elsewhere (a Future)
-            self.client.log_text(self.run_id, args[0].result(), args[1])
         elif kind == "call":
             args[0](*args[1:])
         else:

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelSummary, ProgressBar
 
 from gptlab import CONF_DIR, checks, console, ddp, store, sweeps
-from gptlab.callbacks import RunCheckpoints, SampleText, sample_text
+from gptlab.callbacks import RunCheckpoints, sample_text
 from gptlab.checkpoints import check_matches, model_weights, read_checkpoint
 from gptlab.console import log
 from gptlab.data import CharDataModule
@@ -121,18 +121,10 @@ class Session:
     n_params: int
     resume: Resume | None = None
 
-    def close(self, raise_errors: bool = True) -> None:
-        """Wait for the samples under way and hand over the last metrics."""
-        try:
-            for callback in self.trainer.callbacks:
-                if isinstance(callback, SampleText):
-                    callback.close()
-        except Exception:
-            if raise_errors:
-                raise
-        finally:
-            if self.logger is not None:
-                self.logger.flush()
+    def close(self) -> None:
+        """Hand over the last metrics."""
+        if self.logger is not None:
+            self.logger.flush()
 
 
 def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
@@ -289,7 +281,7 @@ def run_phases(s: Session, job: Job, record: RunRecord, stop: StopSignals) -> st
             ranks.check(grace=5.0)  # a rank's own failure, not the broken collective it left
         raise
     finally:
-        s.close(raise_errors=not failed)
+        s.close()
         if ranks is not None:
             ranks.stop() if failed else ranks.finish()
 
