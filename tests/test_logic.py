@@ -3,6 +3,8 @@ columns, checkpoint reading, one-line error messages, config checks."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -268,3 +270,22 @@ def test_a_groups_mean_curve_keeps_the_steps_every_run_has():
                                                 [(10, 4.0), (20, 3.0), (30, 0.5)]])
     assert steps == [10, 20] and means == [3.0, 2.0]
     assert stds == pytest.approx([2 ** 0.5, 2 ** 0.5])
+
+
+def experiment_names() -> list[str]:
+    root = Path(CONF_DIR) / "experiment"
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")
+                  if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_every_experiment_composes_and_passes_the_checks(name):
+    # a recipe a user can name must not fail on its own config; GPU recipes are checked
+    # with the CPU trainer on a machine without one
+    overrides = [f"experiment={name}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+        if cfg.trainer.accelerator != "cpu" and not torch.cuda.is_available():
+            cfg = compose("train", overrides=[*overrides, "trainer.accelerator=cpu",
+                                              "trainer.precision=32-true"])
+    checks.check_train_config(cfg)
