@@ -16,7 +16,17 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, TINY_GPT, free_port, only_run, record_of, run_cli, store_uri
+from conftest import (
+    BIN,
+    ROOT,
+    TINY_GPT,
+    cli_env,
+    free_port,
+    only_run,
+    record_of,
+    run_cli,
+    store_uri,
+)
 from gptlab.checkpoints import model_from_checkpoint, read_checkpoint
 from gptlab.data import CharDataModule
 
@@ -174,3 +184,23 @@ def test_ddp_over_nccl_on_two_gpus(tmp_path, small_corpus):
     run = only_run(MlflowClient(store_uri(tmp_path)), "gpus")
     assert run.info.status == "FINISHED"
     assert run.data.params["world_size"] == "2"
+
+
+def test_slurm_tasks_train_one_run_as_ranks(tmp_path, small_corpus):
+    # SLURM starts every task of a job with the same command: simulated here by SLURM's
+    # environment for two tasks on this machine; task 0 opens the run, task 1 follows its plan
+    procs = []
+    for rank in (1, 0):
+        env = dict(cli_env(tmp_path, small_corpus), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
+                   SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0",
+                   SLURM_NODELIST="127.0.0.1", SLURM_JOB_ID="4242", SLURM_JOB_NAME="gptlab")
+        procs.append(subprocess.Popen(
+            [str(BIN / "gptlab-train"), *TINY_GPT, "trainer=ddp", "logger.experiment_name=slurm",
+             f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[1][-3000:]
+    run = only_run(MlflowClient(store_uri(tmp_path)), "slurm")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2"
+    assert (tmp_path / "job" / "ddp" / "rank1.4242.0.ready").exists()
