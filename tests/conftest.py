@@ -123,6 +123,21 @@ def record_of(client: MlflowClient, experiment: str, tmp: Path) -> dict:
     return out
 
 
+def one_line_error(code: int, err: str, *words: str) -> str:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def runs_in(tmp: Path) -> list:
+    client = MlflowClient(store_uri(tmp))
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

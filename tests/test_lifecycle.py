@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_GPT, only_run, record_of, run_cli, store_uri
+from conftest import (
+    TINY_GPT,
+    one_line_error,
+    only_run,
+    record_of,
+    run_cli,
+    runs_in,
+    store_uri,
+)
 from gptlab import store
 from gptlab import train as train_cli
 
@@ -84,21 +92,6 @@ def test_a_signal_just_after_the_run_opens_ends_it_killed(tmp_path, small_corpus
     assert run.info.status == "KILLED"
     names = [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert names == ["step_000001.ckpt"]
-
-
-def one_line_error(code: int, err: str, *words: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
-
-
-def runs_in(tmp: Path) -> list:
-    client = MlflowClient(store_uri(tmp))
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -193,14 +193,11 @@ class Ranks:
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             self.logs[rank] = log
 
-    def _ready(self, rank: int) -> Path:
-        return ready_file(self.plan_path, rank)
-
     def wait_ready(self, stop_requested: Any = lambda: False) -> None:
         """Wait until every rank is about to join the process group (so that a rank that fails
         while starting is reported, not waited for in the group's rendezvous)."""
         deadline = time.monotonic() + READY_TIMEOUT
-        while not all(self._ready(r).exists() for r in range(1, self.world)):
+        while not all(ready_file(self.plan_path, r).exists() for r in range(1, self.world)):
             self.check()
             if stop_requested() or time.monotonic() > deadline:
                 raise GptlabError("the other training processes did not start in time"
