@@ -32,8 +32,12 @@ def test_benchmark_smoke(tmp_path, small_corpus, monkeypatch):
     assert gptlab == pytest.approx(plain, abs=1e-5) and no_mlflow == pytest.approx(plain,
                                                                                  abs=1e-5)
     for stat in ("median", "mean"):
-        ratio = row[stat]["gptlab_ms"] / row[stat]["plain_ms"] - 1
-        assert row[stat]["overhead_pct"] == pytest.approx(100 * ratio, abs=1)
+        plain_ms, gptlab_ms = row[stat]["plain_ms"], row[stat]["gptlab_ms"]
+        ratio = gptlab_ms / plain_ms
+        # the times are written to 3 decimals: the ratio of the written times is off by at
+        # most that rounding, which a sub-millisecond bigram step makes large
+        slack = 100 * ratio * (0.0005 / plain_ms + 0.0005 / gptlab_ms) + 0.1
+        assert row[stat]["overhead_pct"] == pytest.approx(100 * (ratio - 1), abs=slack)
     for window in ("half", "slide"):
         g = written["generation"][window]
         assert g["speedup"] == pytest.approx(g["kv_cache_tok_s"] / g["no_cache_tok_s"], abs=0.01)
