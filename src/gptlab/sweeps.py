@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ class SweepResult:
 
 results: list[SweepResult] = []  # sweeps ended in this process, for the exit code
 _open_parents: dict[str, str] = {}  # parent run id -> tracking URI, until the sweep ends
+# a study's parent run, shared with other processes: whether any of them still runs trials
+# (then a stop here leaves the parent to the last one)
+_shared_parents: dict[str, Callable[[], bool]] = {}
 
 
 def varied_keys(config: DictConfig) -> list[str]:
@@ -58,8 +62,10 @@ def child_name(varied: list[str], overrides: list[str]) -> str | None:
     return overrides_name(overrides, varied)
 
 
-def record_best(client, parent_id: str, children: list, varied: list[str]) -> None:
-    """The sweep's best child on its parent run: the value, the child, its swept values."""
+def record_best(client, parent_id: str, children: list, varied: list[str],
+                ongoing: bool = False) -> None:
+    """The sweep's best child on its parent run: the value, the child, its swept values
+    (as tags for an ongoing study, whose best changes: MLflow's params are set once)."""
     scored = [r for r in children if "best_val_loss" in r.data.metrics]
     if not scored:
         return
@@ -67,7 +73,11 @@ def record_best(client, parent_id: str, children: list, varied: list[str]) -> No
     client.log_metric(parent_id, "best_val_loss", best.data.metrics["best_val_loss"])
     client.set_tag(parent_id, "gptlab.best_run", f"{best.info.run_name} ({best.info.run_id})")
     params = {f"best.{k}": best.data.params[k] for k in varied if k in best.data.params}
-    store.log_params(client, parent_id, params)
+    if ongoing:
+        for key, value in params.items():
+            client.set_tag(parent_id, key, value)
+    else:
+        store.log_params(client, parent_id, params)
 
 
 GROUP_COLUMNS = ("group", "runs", "best val/loss", "best std", "95% CI +-", "final val/loss",
@@ -114,7 +124,8 @@ def report_job(sweep: SweepJob, outcome: Outcome) -> None:
 
 def end_parent(parent_run_id: str, status: str) -> None:
     uri = _open_parents.pop(parent_run_id, None)
-    if uri is None:
+    others_go_on = _shared_parents.pop(parent_run_id, None)
+    if uri is None or (others_go_on is not None and others_go_on()):
         return
     client = store.connect(uri)
     if client.get_run(parent_run_id).info.status == "RUNNING":
@@ -144,31 +155,60 @@ def check_launcher(argv: list[str]) -> None:
                           "hydra/launcher=submitit_local here")
 
 
+def open_parent(config: DictConfig, study: str | None = None, run_id: str | None = None
+                ) -> tuple[str, str] | None:
+    """The sweep's parent run and its tracking URI (None without MLflow), the id written
+    into the sweep folder for the jobs. A study's processes and starts share the parent run
+    the study names (`run_id`), so that all its trials are children of one run."""
+    if not config.logger.enabled:
+        return None
+    client = store.connect(config.logger.tracking_uri)
+    experiment_id = store.get_or_create_experiment(client, config.logger.experiment_name)
+    keys = varied_keys(config)
+    if run_id is not None and _live(client, run_id):
+        client.update_run(run_id, status="RUNNING")
+    else:
+        choices = config.hydra.runtime.choices
+        label = study or choices.get("hparams_search") or choices.get("experiment") or "sweep"
+        name = f"{label}: {', '.join(keys)}" if keys else label
+        tags = {"gptlab.sweep": "true",
+                "gptlab.command": " ".join(["gptlab-train", *sys.argv[1:]]),
+                "mlflow.source.name": "gptlab-train"}
+        if study:
+            tags["gptlab.study"] = study
+        run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        task = list(config.hydra.overrides.task)
+        client.log_text(run_id, "\n".join(task) + "\n", "overrides.txt")
+        if keys:
+            client.log_param(run_id, "swept", ", ".join(keys))
+    _open_parents[run_id] = client.tracking_uri
+    sweep_dir = Path(config.hydra.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(
+        {"parent_run_id": run_id, "varied": keys, "tracking_uri": client.tracking_uri,
+         "study": study}))
+    return run_id, client.tracking_uri
+
+
+def _live(client, run_id: str) -> bool:
+    """Whether a run is still there (not deleted, nor in another store)."""
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except Exception:  # noqa: BLE001 - MLflow says "not found" with various exceptions
+        return False
+
+
+def share_parent(parent_run_id: str, others_go_on: Callable[[], bool]) -> None:
+    """A study's parent is shared: this process ends it only if no other still runs."""
+    _shared_parents[parent_run_id] = others_go_on
+
+
 class SweepRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.logger.enabled:
-            return
-        client = store.connect(config.logger.tracking_uri)
-        experiment_id = store.get_or_create_experiment(client, config.logger.experiment_name)
-        keys = varied_keys(config)
-        choices = config.hydra.runtime.choices
-        label = choices.get("hparams_search") or choices.get("experiment") or "sweep"
-        name = f"{label}: {', '.join(keys)}" if keys else label
-        task = list(config.hydra.overrides.task)
-        run = client.create_run(experiment_id, run_name=name, tags={
-            "gptlab.sweep": "true",
-            "gptlab.command": " ".join(["gptlab-train", *sys.argv[1:]]),
-            "mlflow.source.name": "gptlab-train",
-        })
-        _open_parents[run.info.run_id] = client.tracking_uri
-        client.log_text(run.info.run_id, "\n".join(task) + "\n", "overrides.txt")
-        if keys:
-            client.log_param(run.info.run_id, "swept", ", ".join(keys))
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps(
-            {"parent_run_id": run.info.run_id, "varied": keys,
-             "tracking_uri": client.tracking_uri}))
+        from gptlab import study
+
+        if not study.is_study(config):  # a study's sweeper finds or opens its parent
+            open_parent(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         info = read_sweep(Path(config.hydra.sweep.dir))
@@ -179,15 +219,24 @@ class SweepRun(Callback):
         children = client.search_runs(
             [client.get_run(parent).info.experiment_id],
             f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000)
-        failed = sorted((r for r in children if r.info.status != "FINISHED"),
+        # a study's children may be running in other processes, and a trial stopped by a
+        # signal (KILLED) is run again as a new trial: neither is a failure
+        ok = ("FINISHED", "RUNNING", "KILLED") if info.get("study") else ("FINISHED",)
+        failed = sorted((r for r in children if r.info.status not in ok),
                         key=lambda r: r.info.run_name or "")
-        record_best(client, parent, children, info["varied"])
+        record_best(client, parent, children, info["varied"], ongoing=bool(info.get("study")))
         record_groups(client, parent, [r for r in children if r.info.status == "FINISHED"])
         _open_parents.pop(parent, None)
-        client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+        others_go_on = _shared_parents.pop(parent, None)
+        ongoing = others_go_on is not None and others_go_on()
+        if not ongoing:
+            client.set_terminated(parent, "FAILED" if failed else "FINISHED")
         result = SweepResult(parent, len(children), [r.info.run_name for r in failed])
         results.append(result)
-        if failed:
+        if ongoing and not failed:
+            print(f"this process's trials are done; study {info['study']} goes on in another "
+                  f"process, which ends MLflow run {parent} ({len(children)} runs so far)")
+        elif failed:
             rest = (f"; the others finished: gptlab-compare --sweep {parent}"
                     if len(failed) < len(children) else "")
             print(f"error: {len(failed)} of {len(children)} jobs failed "
