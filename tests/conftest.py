@@ -1,16 +1,21 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
@@ -156,29 +161,40 @@ def wait_until(condition, timeout: float, what: str, poll: float = 0.2):
 
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1, with artifacts uploaded through it; it can be
-    stopped and started again on the same port, and is stopped by its pid."""
+    stopped and started again on the same port, and is stopped by its pid (its process
+    group: mlflow runs its workers as children). With `gptlab=True` it is started through
+    `gptlab-server`, the command a team runs, which becomes `mlflow server` in the same
+    process. Its output goes to a file (a pipe nobody reads would fill and stall it)."""
 
-    def __init__(self, backend_uri: str, artifacts: Path, cwd: Path, port: int | None = None):
+    def __init__(self, backend_uri: str, artifacts: Path, cwd: Path, port: int | None = None,
+                 gptlab: bool = False, workers: int = 1):
         self.backend_uri, self.artifacts, self.cwd = backend_uri, artifacts, cwd
         self.port = port or free_port()
+        self.gptlab, self.workers = gptlab, workers
+        self.log = cwd / f"mlflow-server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        where = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
+        if self.gptlab:
+            return [str(BIN / "gptlab-server"), self.backend_uri, "--artifacts",
+                    str(self.artifacts), *where]
+        return [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend_uri,
+                "--artifacts-destination", str(self.artifacts), *where]
+
     def start(self, timeout: float = 120) -> None:
         env = dict(os.environ)
         env.pop("MLFLOW_TRACKING_URI", None)
-        self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend_uri,
-             "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            cwd=self.cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), cwd=self.cwd, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
 
         def healthy() -> bool:
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()[-2000:]
+            assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
                     return True
@@ -199,12 +215,122 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(tmp: Path) -> Iterator[MlflowServer]:
-    server = MlflowServer(f"sqlite:///{tmp / 'server' / 'mlflow.db'}", tmp / "server" /
-                          "artifacts", tmp)
+def mlflow_server(tmp: Path, postgres: Postgres, workers: int = 1) -> Iterator[MlflowServer]:
+    """A team's server as `gptlab-server` starts it: a fresh PostgreSQL database of its own
+    (given as a plain postgresql:// URL, which gptlab-server turns into psycopg 3's dialect)
+    and proxied artifacts in tmp/server/artifacts."""
     (tmp / "server").mkdir(parents=True, exist_ok=True)
+    server = MlflowServer(postgres.create_database(driver=False), tmp / "server" / "artifacts",
+                          tmp, gptlab=True, workers=workers)
     server.start()
     try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- a real PostgreSQL ---------------------------------------------------------------------------
+
+def postgres_bin() -> Path | None:
+    """The newest installed PostgreSQL's bin/ (Debian's layout), or None."""
+    found = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
+    return max(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+               default=None)
+
+
+class Postgres:
+    """A PostgreSQL server of its own in a temporary folder, on 127.0.0.1 and a free port,
+    its unix socket in that folder: nothing of the machine's own PostgreSQL is touched. A
+    superuser reaches it over the socket without a password; clients reach it over TCP as
+    USER with PASSWORD (scram-sha-256, as a team's server would ask). PostgreSQL refuses to
+    run as root, so under root it runs as the `postgres` user, in a folder that user owns."""
+
+    ADMIN, USER, PASSWORD = "admin", "gptlab", "gptlab-secret"
+
+    def __init__(self, bindir: Path):
+        self.bindir = bindir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self._databases = 0
+        owner = None
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("PostgreSQL refuses to run as root and there is no postgres user")
+        # not under pytest's tmp folder: that one is private to root (0700), and the server
+        # may run as another user
+        self.folder = Path(tempfile.mkdtemp(prefix="gptlab-pg-"))
+        self.as_user: dict = {}
+        if owner is not None:
+            os.chown(self.folder, owner.pw_uid, owner.pw_gid)
+            self.as_user = dict(user=owner.pw_uid, group=owner.pw_gid, extra_groups=[])
+
+    def start(self, timeout: float = 60) -> None:
+        log = self.folder / "postgres.log"
+        subprocess.run([str(self.bindir / "initdb"), "-D", str(self.folder / "data"),
+                        "-U", self.ADMIN, "--auth-local=trust", "--auth-host=scram-sha-256",
+                        "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
+                       check=True, capture_output=True, **self.as_user)
+        with open(log, "ab") as out:
+            # fsync off: a test database need not survive a power cut, and commits are faster
+            self.proc = subprocess.Popen(
+                [str(self.bindir / "postgres"), "-D", str(self.folder / "data"),
+                 "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+                 "-c", f"unix_socket_directories={self.folder}", "-c", "fsync=off"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **self.as_user)
+
+        def up() -> bool:
+            assert self.proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            try:
+                self.admin().close()
+                return True
+            except psycopg.OperationalError:
+                return False
+
+        wait_until(up, timeout, "PostgreSQL to start", poll=0.1)
+        with self.admin() as conn:
+            conn.execute(f"CREATE ROLE {self.USER} LOGIN PASSWORD '{self.PASSWORD}'")
+
+    def admin(self) -> psycopg.Connection:
+        return psycopg.connect(host=str(self.folder), port=self.port, user=self.ADMIN,
+                               dbname="postgres", autocommit=True, connect_timeout=2)
+
+    def url(self, database: str, driver: bool = True, password: str | None = None) -> str:
+        scheme = "postgresql+psycopg" if driver else "postgresql"
+        return (f"{scheme}://{self.USER}:{password or self.PASSWORD}@127.0.0.1:{self.port}/"
+                f"{database}")
+
+    def create_database(self, driver: bool = True) -> str:
+        """A new, empty database owned by USER (a clean MLflow store per test); its URL."""
+        self._databases += 1
+        name = f"mlflow_{self._databases}"
+        with self.admin() as conn:
+            conn.execute(f"CREATE DATABASE {name} OWNER {self.USER}")
+        return self.url(name, driver)
+
+    def stop(self) -> None:
+        """Stopped by its pid: SIGINT is PostgreSQL's fast shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self.proc = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL not installed (no /usr/lib/postgresql/*/bin/initdb; "
+                    "`make postgres` installs it)")
+    server = Postgres(bindir)
+    try:
+        server.start()
         yield server
     finally:
         server.stop()

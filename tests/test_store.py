@@ -1,5 +1,6 @@
 """The store's faults are bounded: one trainer per run, processes starting at once, a store
-that cannot be written, a full disk, and a tracking server that goes away mid-run."""
+that cannot be written, a full disk, and a tracking server that goes away mid-run (a team's
+server: `gptlab-server` over a real PostgreSQL, artifacts uploaded through it)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY_GPT, cli_env, mlflow_server, run_cli, store_uri, wait_until
+from conftest import (
+    BIN,
+    TINY_GPT,
+    cli_env,
+    mlflow_server,
+    only_run,
+    run_cli,
+    store_uri,
+    wait_until,
+)
 from gptlab import store
-
-
-def only_run(client: MlflowClient, experiment: str):
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert len(runs) == 1, [r.info.run_name for r in runs]
-    return runs[0]
 
 
 def steps_of(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
@@ -157,8 +161,9 @@ OUTAGE = [*TINY_GPT, "trainer.max_steps=300", "trainer.val_check_interval=50",
           "+callbacks.pace.seconds=0.03"]
 
 
-def test_a_server_away_for_a_while_loses_nothing(tmp_path, small_corpus):
-    with mlflow_server(tmp_path) as server:
+# the server goes away and comes back; PostgreSQL stays up, as a team's database would
+def test_a_server_away_for_a_while_loses_nothing(tmp_path, small_corpus, postgres):
+    with mlflow_server(tmp_path, postgres) as server:
         proc = popen_train(tmp_path, small_corpus, [
             *OUTAGE, f"logger.tracking_uri={server.uri}", "logger.experiment_name=outage"],
             MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
@@ -181,8 +186,8 @@ def test_a_server_away_for_a_while_loses_nothing(tmp_path, small_corpus):
         assert names[-1] == "step_000300.ckpt" and len(names) <= 3  # the newest two, the best
 
 
-def test_a_server_away_too_long_stops_the_run_resumable_later(tmp_path, small_corpus):
-    with mlflow_server(tmp_path) as server:
+def test_a_server_away_too_long_stops_the_run_resumable_later(tmp_path, small_corpus, postgres):
+    with mlflow_server(tmp_path, postgres) as server:
         start = None
         proc = popen_train(tmp_path, small_corpus, [
             *OUTAGE, f"logger.tracking_uri={server.uri}", "logger.experiment_name=gone",
