@@ -148,7 +148,7 @@ def test_optuna_search(tmp_path, small_corpus):
         assert 1e-4 <= float(r.data.params["optim.lr"]) <= 1e-2
         assert 0.0 <= float(r.data.params["model.dropout"]) <= 0.3
     # the objective Optuna minimised is the best val/loss each run recorded
-    results = yaml.safe_load(next(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
+    results = yaml.safe_load(next(tmp_path.glob("multirun/*/optimization_results.yaml"))
                              .read_text())
     best = min(min(m.value for m in client.get_metric_history(r.info.run_id, "val/loss"))
                for r in runs)

@@ -233,10 +233,12 @@ def counted(study: optuna.Study) -> int:
                if not (t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR)))
 
 
-def running(study: optuna.Study) -> int:
+def running(study: optuna.Study, besides: set[int] = frozenset()) -> int:
+    """Trials running now, those numbered `besides` (this process's own) aside."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t.number not in besides)
 
 
 def claim(study: optuna.Study, space: dict[str, BaseDistribution], n_trials: int,

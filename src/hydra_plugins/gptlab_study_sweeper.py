@@ -60,9 +60,11 @@ class StudySweeper(Sweeper):
             place = studies.join(study)
             parent = studies.open_parent(study, self.config)
 
+        mine: set[int] = set()  # the trials this process runs now
+
         def others_go_on() -> bool:
             with studies.lock(study, storage):
-                return studies.running(study) > 0
+                return studies.running(study, besides=mine) > 0
 
         if parent is not None:
             sweeps.share_parent(parent, others_go_on)
@@ -77,6 +79,8 @@ class StudySweeper(Sweeper):
                 trials = studies.claim(study, space, self.n_trials, self.n_jobs)
             if not trials:
                 break
+            mine.clear()
+            mine.update(t.number for t in trials)
             batch = [[*fixed, *(f"{k}={v}" for k, v in t.params.items())] for t in trials]
             try:
                 # numbered by trial: jobs of processes sharing a sweep folder never collide
