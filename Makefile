@@ -13,7 +13,7 @@ endif
 endif
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install browser train test lint ui bench clean
+.PHONY: install browser postgres train test lint ui server bench clean
 
 install: $(VENV)/.installed
 
@@ -31,12 +31,19 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 		>/dev/null; } || echo "note: install chromium to run the browser test"
 
+# PostgreSQL for the team-server tests, which start a server of their own from Debian's
+# binaries (/usr/lib/postgresql/N/bin); without root it is left to the user and those tests skip
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
+		>/dev/null; } || echo "note: install postgresql to run the team-server tests"
+
 ## train the default model (nanoGPT's CPU recipe), print a sample and the MLflow run id
 train: install
 	$(BIN)/gptlab-train $(ARGS)
 
 ## the test suite
-test: install browser
+test: install browser postgres
 	$(BIN)/ruff check src tests experiments
 	$(BIN)/python -m pytest $(ARGS)
 
@@ -47,6 +54,16 @@ lint: install
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
+
+## the team's MLflow server: runs in PostgreSQL, artifacts uploaded through it; clients use
+## logger.tracking_uri=http://HOST:PORT. make server DB=postgresql://user:pw@dbhost:5432/mlflow
+## HOST=0.0.0.0 PORT=5000 ARTIFACTS=/srv/gptlab-artifacts (DB may come from
+## $$MLFLOW_BACKEND_STORE_URI instead, which keeps the password off the command line)
+HOST      ?= 127.0.0.1
+PORT      ?= 5000
+ARTIFACTS ?= $(CURDIR)/mlartifacts
+server: install
+	$(BIN)/gptlab-server $(DB) --host $(HOST) --port $(PORT) --artifacts $(ARTIFACTS) $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
