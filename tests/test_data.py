@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from gptlab import data
-from gptlab.data import CharDataModule, CharTokenizer, get_batch
+from gptlab.data import CharDataModule, get_batch
 from gptlab.errors import GptlabError
+from gptlab.tokenizer import CharTokenizer
 
 
 def test_tokenizer_round_trip(corpus):

@@ -35,8 +35,9 @@ from scipy import stats
 
 from gptlab import store
 from gptlab.checkpoints import model_from_checkpoint, read_checkpoint
-from gptlab.data import CharTokenizer, resolve_corpus
+from gptlab.data import resolve_corpus
 from gptlab.models.gpt import GPT
+from gptlab.tokenizer import CharTokenizer
 
 HERE = Path(__file__).resolve().parent
 BLOCK = 64

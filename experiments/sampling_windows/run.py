@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 from gptlab import store
 from gptlab.checkpoints import model_from_checkpoint, read_checkpoint
-from gptlab.data import CharTokenizer, resolve_corpus
+from gptlab.data import resolve_corpus
 from gptlab.sample import checkpoint_name
+from gptlab.tokenizer import CharTokenizer
 
 HERE = Path(__file__).resolve().parent
 POLICIES = [("slide", False), ("half", True), ("shift", True)]  # (window, kv_cache)

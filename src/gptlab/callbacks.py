@@ -19,12 +19,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from gptlab import checkpoints, store
+from gptlab import tokenizer as tokenizers
 from gptlab.errors import GptlabError, StopRequested
 from gptlab.generation import generate_text
 from gptlab.models import build_model
 from gptlab.recorder import Record, Recorder, RunLogger
 from gptlab.schedule import Steps
 from gptlab.signals import StopSignals
+from gptlab.tokenizer import CharTokenizer, Tokenizer
 
 
 class SampleText(pl.Callback):
@@ -46,12 +48,12 @@ class SampleText(pl.Callback):
         self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        seed=seed, window=window)
         self.recorder: Recorder | None = None
-        self.chars = ""
+        self.tokenizer: Tokenizer | None = None
         self._copy: torch.nn.Module | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         info = pl_module.checkpoint_info
-        self.chars = info["vocab"]
+        self.tokenizer = tokenizers.from_checkpoint(info)
         self.recorder = next((lg.recorder for lg in trainer.loggers
                               if isinstance(lg, RunLogger)), None)
         if self._copy is None and self.recorder is not None:
@@ -68,17 +70,17 @@ class SampleText(pl.Callback):
         self._copy.to(pl_module.device)
         with torch.inference_mode():
             self._copy.load_state_dict(pl_module.model.state_dict())
-            text = sample_text(self._copy, self.chars, self.prompt, **self.kw)
+            text = sample_text(self._copy, self.tokenizer, self.prompt, **self.kw)
         self.recorder.submit("text", text, f"samples/step_{trainer.global_step:06d}.txt")
 
 
-def sample_text(model: torch.nn.Module, chars: str, prompt: str, **kw: Any) -> str:
-    """One sample from `model`; a prompt the vocabulary cannot encode becomes its first
+def sample_text(model: torch.nn.Module, tok: Tokenizer, prompt: str, **kw: Any) -> str:
+    """One sample from `model`; a prompt a char vocabulary cannot encode becomes its first
     character (a run's samples must not fail on a corpus without a newline)."""
-    if not prompt or any(ch not in chars for ch in prompt):
-        prompt = chars[0]
+    if isinstance(tok, CharTokenizer) and (not prompt or tok.unknown(prompt)):
+        prompt = tok.chars[0]
     device = next(model.parameters()).device
-    return generate_text(model, chars, prompt, device=device, **kw)[0]
+    return generate_text(model, tok, prompt or "\n", device=device, **kw)[0]
 
 
 BEST_TAG = "gptlab.best_checkpoint"  # the name of the run's best step checkpoint

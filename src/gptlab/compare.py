@@ -43,7 +43,8 @@ def check_plot_path(path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="gptlab-compare", description=__doc__.split("\n\n")[0],
-        epilog="Runs: name, the params that differ, best and final val/loss, steps, median "
+        epilog="Runs: name, the params that differ, best and final val/loss, best val/bpc, "
+               "steps, median "
                "tokens/s, ms/step, wall time, status; best val/loss first. Groups (runs "
                "repeating a setting with other seeds, or agreeing on --by keys): runs, mean and "
                "std of best and final val/loss, 95%% confidence interval of the mean (t), "
@@ -59,13 +60,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--baseline", metavar="GROUP",
                     help="a group's name (as the table shows it): the other groups' "
                          "difference to it and Welch's p-value")
+    ap.add_argument("--metric", choices=("val/loss", "val/bpc"),
+                    help="what ranks, groups and plots the runs (default: val/loss, or "
+                         "val/bpc where the runs' tokenizers differ: losses per token do not "
+                         "compare across tokenizers)")
     ap.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else mlruns/")
     args = ap.parse_args(argv)
     if args.plot:
         check_plot_path(args.plot)
     from gptlab.comparison import compare
 
-    compare(args.experiment, args.sweep, args.plot, args.tracking_uri, args.by, args.baseline)
+    compare(args.experiment, args.sweep, args.plot, args.tracking_uri, args.by, args.baseline,
+            args.metric)
 
 
 if __name__ == "__main__":

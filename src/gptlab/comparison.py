@@ -71,8 +71,20 @@ def differing_params(runs: Sequence[Run]) -> list[str]:
     return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
 
 
+METRICS = ("val/loss", "val/bpc")
+
+
+def default_metric(runs: Sequence[Run]) -> str:
+    """val/loss, unless the runs tokenize differently: losses per token do not compare
+    across tokenizers, bits per character over the same characters do."""
+    tokenizers = {(r.data.params.get("data.tokenizer", "char"),
+                   r.data.params.get("data.vocab_size")) for r in runs}
+    return "val/bpc" if len(tokenizers) > 1 else "val/loss"
+
+
 def summarize(client: MlflowClient, run: Run, keys: Sequence[str]) -> dict[str, Any]:
     val = sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)
+    bpc = sorted(client.get_metric_history(run.info.run_id, "val/bpc"), key=lambda m: m.step)
     steps = client.get_metric_history(run.info.run_id, "train/loss")
     speed = [m.value for m in client.get_metric_history(run.info.run_id, "tokens_per_sec")]
     end = run.info.end_time
@@ -84,6 +96,8 @@ def summarize(client: MlflowClient, run: Run, keys: Sequence[str]) -> dict[str, 
         **{k: _short_value(p.get(k, "")) for k in keys},
         "best val/loss": min((m.value for m in val), default=math.nan),
         "final val/loss": val[-1].value if val else math.nan,
+        "best val/bpc": min((m.value for m in bpc), default=math.nan),
+        "_final val/bpc": bpc[-1].value if bpc else math.nan,
         "steps": max((m.step for m in steps), default=0),
         "tokens/s": tok_s,
         "ms/step": 1000 * batch_tokens / tok_s if tok_s == tok_s and tok_s > 0 else math.nan,
@@ -91,6 +105,7 @@ def summarize(client: MlflowClient, run: Run, keys: Sequence[str]) -> dict[str, 
         "status": run.info.status,
         "_params": dict(p),
         "_curve": [(m.step, m.value) for m in val],
+        "_curve val/bpc": [(m.step, m.value) for m in bpc],
     }
 
 
@@ -149,10 +164,17 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def groups(rows: Sequence[dict[str, Any]], keys: Sequence[str], baseline: str | None = None
-           ) -> list[dict[str, Any]]:
-    """One row per group: size, means and spreads, interval, speed; against the baseline,
-    the difference of mean best val/loss and Welch's p-value."""
+def by_metric(row: dict[str, Any], metric: str) -> tuple[float, float, list]:
+    """A run's best and final value of `metric`, and its curve."""
+    if metric == "val/loss":
+        return row["best val/loss"], row["final val/loss"], row["_curve"]
+    return row["best val/bpc"], row["_final val/bpc"], row["_curve val/bpc"]
+
+
+def groups(rows: Sequence[dict[str, Any]], keys: Sequence[str], baseline: str | None = None,
+           metric: str = "val/loss") -> list[dict[str, Any]]:
+    """One row per group: size, means and spreads of `metric`, interval, speed; against the
+    baseline, the difference of mean best values and Welch's p-value."""
     members: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         members.setdefault(group_name(row["_params"], keys), []).append(row)
@@ -161,21 +183,20 @@ def groups(rows: Sequence[dict[str, Any]], keys: Sequence[str], baseline: str | 
                           f"{', '.join(sorted(members))})")
     out = []
     for name, rs in members.items():
-        best = [r["best val/loss"] for r in rs]
-        final = [r["final val/loss"] for r in rs]
+        best, final, curves = zip(*(by_metric(r, metric) for r in rs), strict=True)
         (bm, bs), (fm, fs) = mean_std(best), mean_std(final)
-        g = {"group": name, "runs": len(rs), "best val/loss": bm, "best std": bs,
-             "95% CI +-": confidence_interval(best), "final val/loss": fm, "final std": fs,
+        g = {"group": name, "runs": len(rs), f"best {metric}": bm, "best std": bs,
+             "95% CI +-": confidence_interval(best), f"final {metric}": fm, "final std": fs,
              "tokens/s": mean_std([r["tokens/s"] for r in rs])[0],
              "ms/step": mean_std([r["ms/step"] for r in rs])[0],
-             "_best": best, "_curves": [r["_curve"] for r in rs]}
+             "_best": list(best), "_curves": list(curves)}
         if baseline is not None:
-            base = [r["best val/loss"] for r in members[baseline]]
+            base = [by_metric(r, metric)[0] for r in members[baseline]]
             g["diff"] = bm - mean_std(base)[0]
             g["p (Welch)"] = math.nan if name == baseline else welch_p(best, base)
         out.append(g)
-    return sorted(out, key=lambda g: (g["best val/loss"] != g["best val/loss"],
-                                      g["best val/loss"]))
+    key = f"best {metric}"
+    return sorted(out, key=lambda g: (g[key] != g[key], g[key]))
 
 
 def mean_curve(curves: Sequence[Sequence[tuple[int, float]]]
@@ -216,8 +237,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], title: str, path: str,
-         grouped: Sequence[dict[str, Any]] | None = None) -> None:
-    """val/loss against step: each run, or each group's mean with a band of one std."""
+         grouped: Sequence[dict[str, Any]] | None = None, metric: str = "val/loss") -> None:
+    """`metric` against step: each run, or each group's mean with a band of one std."""
     # imported here, when a plot is asked for: a table alone should not pay for matplotlib
     import matplotlib
 
@@ -236,11 +257,12 @@ def plot(rows: Sequence[dict[str, Any]], title: str, path: str,
                                 color=line.get_color(), alpha=0.2)
     else:
         for r in rows:
-            if r["_curve"]:
-                steps, values = zip(*r["_curve"], strict=True)
+            curve = by_metric(r, metric)[2]
+            if curve:
+                steps, values = zip(*curve, strict=True)
                 ax.plot(steps, values, marker="o", markersize=3, label=r["run"])
     ax.set_xlabel("step")
-    ax.set_ylabel("val/loss" + (" (mean, band: one std)" if grouped else ""))
+    ax.set_ylabel(metric + (" (mean, band: one std)" if grouped else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -251,15 +273,19 @@ def plot(rows: Sequence[dict[str, Any]], title: str, path: str,
 
 def compare(experiment: str, sweep: str | None = None, plot_path: str | None = None,
             tracking_uri: str | None = None, by: Sequence[str] | None = None,
-            baseline: str | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Print the runs (and their groups, where runs repeat a setting) and plot them."""
+            baseline: str | None = None, metric: str | None = None
+            ) -> dict[str, list[dict[str, Any]]]:
+    """Print the runs (and their groups, where runs repeat a setting) and plot them, ranked
+    by `metric` (default: val/loss, or val/bpc where the runs' tokenizers differ)."""
     client = store.connect(tracking_uri)
     runs, title = select_runs(client, experiment, sweep)
+    metric = metric or default_metric(runs)
     keys = differing_params(runs)
     rows = sorted((summarize(client, r, keys) for r in runs),
-                  key=lambda r: (r["best val/loss"] != r["best val/loss"], r["best val/loss"]))
+                  key=lambda r: (by_metric(r, metric)[0] != by_metric(r, metric)[0],
+                                 by_metric(r, metric)[0]))
     gkeys = group_keys(runs, by)
-    grouped = groups(rows, gkeys, baseline)
+    grouped = groups(rows, gkeys, baseline, metric)
     repeated = bool(by) or baseline is not None or any(g["runs"] > 1 for g in grouped)
     print(title)
     print(format_table(rows))
@@ -268,6 +294,6 @@ def compare(experiment: str, sweep: str | None = None, plot_path: str | None = N
               f"{', '.join(REPEAT_KEYS)} repeat a setting)")
         print(format_table(grouped))
     if plot_path:
-        plot(rows, title, plot_path, grouped if repeated else None)
+        plot(rows, title, plot_path, grouped if repeated else None, metric)
         print(f"plot written to {plot_path}")
     return {"runs": rows, "groups": grouped if repeated else []}

@@ -1,4 +1,5 @@
-"""The corpus, its character vocabulary, the train/val split and random block sampling."""
+"""The corpus, its tokenizer, the train/val split, random training blocks, and the fixed
+validation characters every run is scored on in bits per character."""
 
 from __future__ import annotations
 
@@ -12,53 +13,15 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from gptlab import tokenizer as tokenizers
 from gptlab.errors import GptlabError
+from gptlab.tokenizer import Tokenizer
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DATA_ENV = "GPTLAB_DATA"
-
-
-class CharTokenizer:
-    """Sorted unique characters of a text; one token per character."""
-
-    def __init__(self, chars: str | list[str]):
-        self.chars = "".join(chars)
-        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls(sorted(set(text)))
-
-    @property
-    def corpus_name(self) -> str:
-        if self.corpus_sha256 == TINY_SHAKESPEARE_SHA256:
-            return "tinyshakespeare"
-        return self.corpus_path.stem if self.corpus_path else "corpus"
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def unknown(self, text: str) -> list[str]:
-        """Characters of `text` outside the vocabulary, in order of first appearance."""
-        return list(dict.fromkeys(ch for ch in text if ch not in self.stoi))
-
-    def encode(self, text: str) -> list[int]:
-        missing = self.unknown(text)
-        if missing:
-            raise GptlabError(
-                f"characters not in the vocabulary: {''.join(missing)!r} "
-                f"(the vocabulary has {self.vocab_size} characters)"
-            )
-        return [self.stoi[ch] for ch in text]
-
-    def decode(self, ids: list[int] | torch.Tensor) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return "".join(self.chars[i] for i in ids)
 
 
 def default_cache_dir() -> Path:
@@ -160,12 +123,43 @@ def _private_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+def score_windows(ids: list[int], block_size: int, stride: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of `block_size` tokens over `ids` in which every token but the first is
+    scored exactly once: inputs (N, T) and targets (N, T), -1 where a target was scored by an
+    earlier window. The first window scores all its targets; each next one moves `stride`
+    tokens on and scores only the new ones, with at least block_size - stride tokens of
+    context (stride = block_size: windows side by side, the cheapest)."""
+    n, T = len(ids), block_size
+    if n < 2:
+        raise GptlabError("the text is too short to score: it has fewer than two tokens")
+    if not 1 <= stride <= T:
+        raise GptlabError(f"stride must be between 1 and the block size ({T}), got {stride}")
+    data = torch.tensor(ids, dtype=torch.long)
+    # window k holds inputs ids[a:a + T] and targets ids[a + 1:a + T + 1]
+    scored = min(T + 1, n)  # targets ids[1:scored] are scored by the first window
+    pad = T - (scored - 1)  # a text shorter than a window: the first one is padded
+    xs = [torch.cat([data[:scored - 1], torch.zeros(pad, dtype=torch.long)])]
+    ys = [torch.cat([data[1:scored], torch.full((pad,), -1, dtype=torch.long)])]
+    while scored < n:
+        end = min(scored + stride, n)
+        a = end - 1 - T
+        y = data[a + 1:end].clone()
+        y[:scored - (a + 1)] = -1  # scored by an earlier window
+        xs.append(data[a:end - 1])
+        ys.append(y)
+        scored = end
+    return torch.stack(xs), torch.stack(ys)
+
+
 class CharDataModule(pl.LightningDataModule):
-    """Character-level corpus: vocabulary, unshuffled train/val split, random blocks.
+    """A text corpus: tokenizer (characters, or a byte-level BPE trained on the training
+    split), unshuffled train/val split by characters, random blocks.
 
     The validation set is a fixed draw of `eval_iters * batch_size` blocks from a generator
     seeded by `val_seed` alone, so it is the same at every evaluation and in every run with
-    the same data config.
+    the same data config. Bits per character are scored over the first `bpc_chars` characters
+    of the validation split, the same characters whatever the tokenizer.
     """
 
     def __init__(
@@ -179,8 +173,16 @@ class CharDataModule(pl.LightningDataModule):
         val_seed: int = 1337,
         cache_dir: str | None = None,
         pin_memory: bool | None = None,
+        tokenizer: str = "char",
+        vocab_size: int | None = None,
+        bpc_chars: int | None = 32768,
     ):
         super().__init__()
+        if bpc_chars is not None and (not isinstance(bpc_chars, int) or bpc_chars < 2):
+            raise GptlabError(f"data.bpc_chars must be a whole number >= 2 or null, got "
+                              f"{bpc_chars!r}")
+        self.tokenizer_kind, self.requested_vocab_size = tokenizer, vocab_size
+        self.bpc_chars_wanted = bpc_chars
         for name, value in (("block_size", block_size), ("batch_size", batch_size),
                             ("eval_iters", eval_iters)):
             if value <= 0:
@@ -195,9 +197,12 @@ class CharDataModule(pl.LightningDataModule):
         self.seed, self.val_seed = seed, val_seed
         self.corpus_path: Path | None = None
         self.corpus_sha256 = ""
-        self.tokenizer: CharTokenizer | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.given_tokenizer: Tokenizer | None = None  # a resumed run's, from its checkpoint
         self.train_data: torch.Tensor | None = None
         self.val_data: torch.Tensor | None = None
+        self.bpc_ids: list[int] = []  # the validation characters scored in bits per char
+        self.bpc_chars = 0  # how many characters those are (the first token's aside)
         self._train_blocks: RandomBlocks | None = None
 
     def prepare_data(self) -> None:
@@ -211,18 +216,26 @@ class CharDataModule(pl.LightningDataModule):
         if not text:
             raise GptlabError(f"corpus is empty: {self.corpus_path}")
         self.corpus_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        self.tokenizer = CharTokenizer.from_text(text)
+        n = int(self.train_frac * len(text))
+        train_text, val_text = text[:n], text[n:]
+        cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        self.tokenizer = self.given_tokenizer or tokenizers.build(
+            self.tokenizer_kind, text, train_text, self.requested_vocab_size, cache)
         # uint8 would not hold large vocabularies; int16 or int32 keeps the gather cheap
         dtype = torch.int16 if self.tokenizer.vocab_size < 2**15 else torch.int32
-        data = torch.tensor(self.tokenizer.encode(text), dtype=dtype)
-        n = int(self.train_frac * len(data))
-        self.train_data, self.val_data = data[:n], data[n:]
+        self.train_data = torch.tensor(self.tokenizer.encode(train_text), dtype=dtype)
+        self.val_data = torch.tensor(self.tokenizer.encode(val_text), dtype=dtype)
+        unit = "characters" if self.tokenizer.kind == "char" else "tokens"
         for split, part in (("train", self.train_data), ("validation", self.val_data)):
             if len(part) < self.block_size + 1:
                 raise GptlabError(
-                    f"the {split} split of {self.corpus_path} has {len(part)} characters, "
+                    f"the {split} split of {self.corpus_path} has {len(part)} {unit}, "
                     f"fewer than data.block_size + 1 = {self.block_size + 1}"
                 )
+        scored = val_text[:self.bpc_chars_wanted] if self.bpc_chars_wanted else val_text
+        self.bpc_ids = self.tokenizer.encode(scored)
+        # the first token is context only: its characters are not scored
+        self.bpc_chars = len(scored) - len(self.tokenizer.decode(self.bpc_ids[:1]))
         self._train_blocks = RandomBlocks(
             self.train_data, self.block_size, self.batch_size, self.seed
         )
@@ -249,12 +262,19 @@ class CharDataModule(pl.LightningDataModule):
         g = torch.Generator().manual_seed(self.val_seed)
         return get_batch(self.val_data, self.block_size, self.eval_iters * self.batch_size, g)
 
-    def val_dataloader(self) -> DataLoader:
-        x, y = self.val_blocks()
-        if self.trainer is not None and self.trainer.world_size > 1:
-            # each process validates every world_size-th block; the LightningModule sums the
-            # losses over all of them, so the figure is the whole set's
-            rank, world = self.trainer.global_rank, self.trainer.world_size
-            x, y = x[rank::world], y[rank::world]
-        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size,
-                          pin_memory=self.pin_memory, generator=_private_generator())
+    def val_dataloader(self) -> list[DataLoader]:
+        """The validation blocks (val/loss), then the windows over the scored validation
+        characters (val/bpc)."""
+        loaders = []
+        for (x, y), batch_size in ((self.val_blocks(), self.batch_size),
+                                   (score_windows(self.bpc_ids, self.block_size,
+                                                  self.block_size), 4 * self.batch_size)):
+            if self.trainer is not None and self.trainer.world_size > 1:
+                # each process validates every world_size-th block; the LightningModule sums
+                # the losses over all of them, so the figure is the whole set's
+                rank, world = self.trainer.global_rank, self.trainer.world_size
+                x, y = x[rank::world], y[rank::world]
+            loaders.append(DataLoader(TensorDataset(x, y), batch_size=batch_size,
+                                      pin_memory=self.pin_memory,
+                                      generator=_private_generator()))
+        return loaders

@@ -141,6 +141,28 @@ def exit_on_error(fn: Callable[..., Any]) -> Callable[..., NoReturn]:
     return wrapped
 
 
+def after_hydra(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wrap a Hydra task function (under @hydra.main) so that what it raises is raised again
+    by `task.reraise()` once Hydra has returned: raised inside, Hydra first writes a line of
+    its own ("Error executing job with overrides"), and the error would not be one line."""
+    failures: list[BaseException] = []
+
+    @functools.wraps(task)
+    def wrapped(cfg: Any) -> Any:
+        try:
+            return task(cfg)
+        except BaseException as e:  # noqa: BLE001 - raised again by reraise()
+            failures.append(e)
+            return None
+
+    def reraise() -> None:
+        if failures:
+            raise failures.pop()
+
+    wrapped.reraise = reraise  # functools.wraps in hydra.main carries it to Hydra's wrapper
+    return wrapped
+
+
 def leave(code: int) -> NoReturn:
     """End the process once its output is flushed. Python's own teardown of the modules torch,
     Lightning and MLflow load takes seconds (3 s here) and does nothing a finished command

@@ -5,17 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gptlab.data import CharTokenizer
 from gptlab.errors import GptlabError
+from gptlab.tokenizer import Tokenizer
 
 
-def generate_text(model: nn.Module, chars: str, prompt: str, max_new_tokens: int,
+def generate_text(model: nn.Module, tok: Tokenizer, prompt: str, max_new_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None, seed: int = 1337,
                   num_samples: int = 1, device: torch.device | str = "cpu",
                   kv_cache: bool = True, window: str = "half") -> list[str]:
     """`num_samples` continuations of `prompt`. The global random state is neither used nor
     changed, so this may run beside training."""
-    tok = CharTokenizer(chars)
     ids = tok.encode(prompt)
     if not ids:
         raise GptlabError("the prompt is empty")

@@ -22,6 +22,15 @@ from gptlab.optim import build_optimizer
 from gptlab.schedule import LRSchedule
 
 
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy summed over the targets, and how many there are; a target of -1 is
+    not scored (data.score_windows marks so what an earlier window scored)."""
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                            ignore_index=-1, reduction="sum")
+    return total, (targets >= 0).sum().to(total.dtype)
+
+
 class LitLM(pl.LightningModule):
     def __init__(
         self,
@@ -62,7 +71,7 @@ class LitLM(pl.LightningModule):
         block_size = getattr(model, "block_size", None)
         if block_size:
             self.example_input_array = torch.zeros(1, block_size, dtype=torch.long)
-        self._val_losses: list[torch.Tensor] = []
+        self._val_sums: dict[int, torch.Tensor] = {}  # per validation loader: (loss, tokens)
         self._last_time: float | None = None
         self._tokens_since = 0
         self._val_started = 0.0
@@ -99,21 +108,28 @@ class LitLM(pl.LightningModule):
         # for the progress bar and callbacks that monitor it; the loggers have it already
         self.log("train/loss", metrics["train/loss"], prog_bar=True, logger=False)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        n = batch[1].numel()
-        self._val_losses.append(torch.stack([self.loss(batch) * n,
-                                             torch.tensor(float(n), device=self.device)]))
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
+                        dataloader_idx: int = 0) -> None:
+        x, y = batch
+        pair = torch.stack(summed_cross_entropy(self.model(x), y))
+        sums = self._val_sums
+        sums[dataloader_idx] = sums[dataloader_idx] + pair if dataloader_idx in sums else pair
 
     def on_validation_epoch_end(self) -> None:
-        # the loss summed over every validation token and their number, over all processes
-        total, count = self.trainer.strategy.reduce(torch.stack(self._val_losses).sum(0),
-                                                    reduce_op="sum")
+        # over every validation token of every process: the loss per token of the fixed
+        # blocks, and the bits per character of the fixed validation characters
+        none = torch.zeros(2, device=self.device)
+        sums = torch.stack([self._val_sums.get(0, none), self._val_sums.get(1, none)])
+        (total, count), (bpc_total, _) = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        self._val_sums.clear()
         val_loss = total / count
-        self._val_losses.clear()
         self.validated_step = self.global_step
         if self.trainer.sanity_checking:
             return
-        metrics = {"val/loss": val_loss.item(), "val/bpc": val_loss.item() / math.log(2)}
+        metrics = {"val/loss": val_loss.item()}
+        chars = getattr(self.trainer.datamodule, "bpc_chars", 0)
+        if chars:
+            metrics["val/bpc"] = bpc_total.item() / chars / math.log(2)
         self.last_metrics.update(metrics)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)

@@ -167,8 +167,8 @@ class RunRecord:
                 LOCAL_DIR_TAG: f"{host}:{self.job.checkpoint_dir.resolve()}"}
 
     def open(self, cfg: DictConfig, tags: dict[str, str], params: dict[str, Any],
-             vocab: str, dataset: Dataset | None = None) -> str:
-        """Create the run with its tags, params, config, vocabulary and dataset."""
+             tokenizer_files: dict[str, str], dataset: Dataset | None = None) -> str:
+        """Create the run with its tags, params, config, tokenizer and dataset."""
         client, job = self.client, self.job
         experiment_id = store.get_or_create_experiment(client, cfg.logger.experiment_name)
         tags = {**self._base_tags(), **tags, **self._owner_tags()}
@@ -181,7 +181,8 @@ class RunRecord:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         client.log_text(self.run_id, OmegaConf.to_yaml(resolved), "config.yaml")
         client.log_text(self.run_id, "\n".join(job.overrides) + "\n", "overrides.txt")
-        store.log_json(client, self.run_id, {"chars": vocab}, "vocab.json")
+        for name, text in tokenizer_files.items():  # vocab.json or tokenizer.json
+            client.log_text(self.run_id, text, name)
         if dataset is not None:
             client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[
                 InputTag("mlflow.data.context", "training")])])

@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gptlab import CONF_DIR
-from gptlab.errors import GptlabError, exit_on_error
+from gptlab.errors import GptlabError, after_hydra, exit_on_error
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -86,11 +86,12 @@ def find_run(client: MlflowClient, run_id: str, experiment: str) -> Run:
     return runs[0]
 
 
-def sample(cfg: DictConfig) -> list[str]:
+def open_checkpoint(cfg: DictConfig, tool: str) -> tuple[dict, Run | None, MlflowClient | None]:
+    """The checkpoint `cfg` names (`checkpoint=`, or `run_id=` and `which=`), its run and
+    the run's store; says on stderr which one it is."""
     from gptlab import checkpoints, store
-    from gptlab.generation import generate_text
 
-    check_sample_config(cfg)
+    run = client = None
     with store.scratch() as scratch:
         if cfg.checkpoint:
             path, source = Path(cfg.checkpoint), str(cfg.checkpoint)
@@ -101,12 +102,22 @@ def sample(cfg: DictConfig) -> list[str]:
             path = store.download(client, run.info.run_id, f"checkpoints/{name}", scratch)
             source = f"run {run.info.run_id} ({run.info.run_name}), checkpoints/{name}"
         ckpt = checkpoints.read_checkpoint(path)
+    print(f"{tool}: {source}, step {ckpt['gptlab']['step']}", file=sys.stderr, flush=True)
+    return ckpt, run, client
+
+
+def sample(cfg: DictConfig) -> list[str]:
+    from gptlab import checkpoints
+    from gptlab import tokenizer as tokenizers
+    from gptlab.generation import generate_text
+
+    check_sample_config(cfg)
+    ckpt, _, _ = open_checkpoint(cfg, "gptlab-sample")
     info = ckpt["gptlab"]
-    print(f"gptlab-sample: {source}, step {info['step']}", file=sys.stderr, flush=True)
     model = checkpoints.model_from_checkpoint(ckpt).to(cfg.device)
     texts = generate_text(
-        model, info["vocab"], str(cfg.prompt), cfg.max_new_tokens, cfg.temperature,
-        cfg.top_k, cfg.seed, cfg.num_samples, cfg.device, cfg.kv_cache, cfg.window)
+        model, tokenizers.from_checkpoint(info), str(cfg.prompt), cfg.max_new_tokens,
+        cfg.temperature, cfg.top_k, cfg.seed, cfg.num_samples, cfg.device, cfg.kv_cache, cfg.window)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")
@@ -116,6 +127,7 @@ def sample(cfg: DictConfig) -> list[str]:
 
 
 @hydra.main(config_path=f"{CONF_DIR}/sample", config_name="sample", version_base="1.3")
+@after_hydra
 def _task(cfg: DictConfig) -> None:
     sample(cfg)
 
@@ -123,6 +135,7 @@ def _task(cfg: DictConfig) -> None:
 @exit_on_error
 def main() -> None:
     _task()
+    _task.reraise()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelSummary, ProgressBar
 
 from gptlab import CONF_DIR, checks, console, ddp, store, sweeps
+from gptlab import tokenizer as tokenizers
 from gptlab.callbacks import RunCheckpoints, sample_text
 from gptlab.checkpoints import check_matches, model_weights, read_checkpoint
 from gptlab.console import log
@@ -135,10 +136,15 @@ def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
     if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for what autocast leaves fp32
     dm: CharDataModule = checks.instantiate(cfg.data, "data")
+    if resume is not None and resume.ckpt["gptlab"].get("tokenizer") == "bpe":
+        # the run's own BPE, never trained again (characters are read off the corpus, and
+        # a corpus that changed is caught below)
+        dm.given_tokenizer = tokenizers.from_checkpoint(resume.ckpt["gptlab"])
     dm.setup()
     model, model_kwargs, compile_model = build_model(cfg.model, dm.vocab_size, dm.block_size)
     info = {"model_class": class_path(model), "model_kwargs": model_kwargs,
-            "vocab": dm.tokenizer.chars, "code_version": store.git_commit()}
+            "vocab": dm.tokenizer.spec, "tokenizer": dm.tokenizer.kind,
+            "code_version": store.git_commit()}
     if resume is not None:
         check_matches(resume.ckpt, model, info["vocab"])
     check_optimizer(model, cfg.optim.get("name", "adamw"))
@@ -176,14 +182,16 @@ def open_run(s: Session, job: Job, record: RunRecord) -> None:
     record.open(s.cfg, tags, {"vocab_size": s.dm.vocab_size, "n_params": s.n_params,
                               "world_size": world,
                               "global_batch_size": s.cfg.data.batch_size * world},
-                s.dm.tokenizer.chars, dataset_of(s.dm))
+                tokenizers.describe(s.dm.tokenizer), dataset_of(s.dm))
 
 
 def dataset_of(dm: CharDataModule) -> Dataset:
     """The corpus as MLflow shows a run's dataset: name, checksum, where it is, its sizes."""
-    profile = {"characters": len(dm.train_data) + len(dm.val_data),
-               "train_characters": len(dm.train_data), "val_characters": len(dm.val_data),
-               "vocab_size": dm.vocab_size, "sha256": dm.corpus_sha256}
+    unit = "characters" if dm.tokenizer.kind == "char" else "tokens"
+    profile = {unit: len(dm.train_data) + len(dm.val_data),
+               f"train_{unit}": len(dm.train_data), f"val_{unit}": len(dm.val_data),
+               "tokenizer": dm.tokenizer.kind, "vocab_size": dm.vocab_size,
+               "sha256": dm.corpus_sha256}
     return Dataset(name=dm.corpus_name, digest=dm.corpus_sha256[:16], source_type="local",
                    source=json.dumps({"uri": str(dm.corpus_path)}),
                    profile=json.dumps(profile))
@@ -215,7 +223,7 @@ def final_sample(s: Session, record: RunRecord) -> str:
     settings = OmegaConf.to_container(s.cfg.callbacks.get("sample") or {}, resolve=True)
     settings.pop("_target_", None)
     settings["max_new_tokens"] = s.cfg.callbacks.final_sample_tokens
-    text = sample_text(s.lit.model, s.info["vocab"], **{"prompt": "\n", **settings})
+    text = sample_text(s.lit.model, s.dm.tokenizer, **{"prompt": "\n", **settings})
     if record.recorder is not None:
         record.recorder.submit("text", text, "samples/final.txt")
     return text
