@@ -11,6 +11,7 @@ from gptlab import sample as sample_cli
 from gptlab.checkpoints import model_from_checkpoint, read_checkpoint
 from gptlab.generation import generate_text
 from gptlab.models.gpt import GPT
+from gptlab.tokenizer import CharTokenizer, from_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,8 @@ def test_validation_sample_is_drawn_from_that_steps_weights(trained, small_corpu
     ckpt = read_checkpoint(Path(client.download_artifacts(
         run_id, "checkpoints/step_000010.ckpt", str(tmp / "dl"))))
     model = model_from_checkpoint(ckpt)
-    expected = generate_text(model, ckpt["gptlab"]["vocab"], "\n", 20, 1.0, None,
-                                      seed=1337)[0]
+    expected = generate_text(model, from_checkpoint(ckpt["gptlab"]), "\n", 20, 1.0, None,
+                             seed=1337)[0]
     logged = Path(client.download_artifacts(run_id, "samples/step_000010.txt", str(tmp / "dl")))
     assert logged.read_text() == expected
 
@@ -74,9 +75,9 @@ def test_sampling_leaves_the_global_random_state_alone():
     torch.manual_seed(0)
     model = GPT(vocab_size=3, block_size=8, n_layer=1, n_head=1, n_embd=8)
     before = torch.get_rng_state()
-    a = generate_text(model, "abc", "a", 30, 1.0, None, seed=5)
+    a = generate_text(model, CharTokenizer("abc"), "a", 30, 1.0, None, seed=5)
     assert torch.equal(torch.get_rng_state(), before)
-    assert generate_text(model, "abc", "a", 30, 1.0, None, seed=5) == a
+    assert generate_text(model, CharTokenizer("abc"), "a", 30, 1.0, None, seed=5) == a
 
 
 def test_checkpoint_is_self_describing_and_safe_to_load(trained, small_corpus):

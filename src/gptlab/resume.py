@@ -27,7 +27,7 @@ from gptlab.recorder import SPOOL_NAME
 RESUME_SAFE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
                "trainer.enable_progress_bar", "trainer.enable_model_summary",
                "trainer.accelerator", "trainer.devices", "trainer.strategy", "checkpoint.",
-               "callbacks.", "logger.")
+               "callbacks.", "logger.", "data.cache_dir")
 LOCAL_DIR_TAG = "gptlab.local_checkpoints"  # "host:path" of the run's checkpoints on disk
 JOB_KEY_TAG = "gptlab.job_key"  # the same for every start of the same job: see find_auto
 
