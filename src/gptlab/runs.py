@@ -147,6 +147,7 @@ class RunRecord:
         self.experiment_id: str | None = None
         self.recorded: dict[str, int] = {}  # on resume: the last step of each metric
         self._lock: store.RunLock | None = None
+        self._system_metrics: Any = None  # MLflow's SystemMetricsMonitor, while the run runs
 
     def connect(self) -> None:
         logger = self.job.cfg.logger
@@ -177,6 +178,7 @@ class RunRecord:
         self.experiment_id = experiment_id
         self._lock_run(self.run_id)
         self.recorder.attach(self.run_id)
+        self._watch_system(resumed=False)
         store.log_params(client, self.run_id, {**run_params(cfg, job.overrides), **params})
         resolved = OmegaConf.to_container(cfg, resolve=True)
         client.log_text(self.run_id, OmegaConf.to_yaml(resolved), "config.yaml")
@@ -211,6 +213,23 @@ class RunRecord:
         client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)),
                         "config.yaml")
         client.update_run(run_id, status="RUNNING")
+        self._watch_system(resumed=True)
+
+    def _watch_system(self, resumed: bool) -> None:
+        """System metrics (system/cpu_utilization_percentage, memory, disk, network, GPU
+        where one is), sampled by MLflow's own monitor on a thread of its own while the run
+        runs. SystemMetricsMonitor is what mlflow.start_run(log_system_metrics=True) starts;
+        gptlab opens its runs with a client, so it starts the monitor itself
+        (tests/test_served_model.py checks that the metrics arrive)."""
+        logger = self.job.cfg.logger
+        if not logger.get("system_metrics", True):
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_metrics = SystemMetricsMonitor(
+            self.run_id, sampling_interval=logger.get("system_metrics_interval", 10),
+            resume_logging=resumed, tracking_uri=self.client.tracking_uri)
+        self._system_metrics.start()
 
     def _base_tags(self) -> dict[str, str]:
         job = self.job
@@ -232,6 +251,8 @@ class RunRecord:
                 if self.job.sweep is not None:
                     self._record_unopened(status, error)
                 return status, notes
+            if self._system_metrics is not None:
+                self._system_metrics.finish()  # its last samples, before the status
             recorder = self.recorder
             try:
                 recorder.close(timeout=recorder.outage_timeout)

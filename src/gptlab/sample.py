@@ -107,23 +107,51 @@ def open_checkpoint(cfg: DictConfig, tool: str) -> tuple[dict, Run | None, Mlflo
 
 
 def sample(cfg: DictConfig) -> list[str]:
-    from gptlab import checkpoints
-    from gptlab import tokenizer as tokenizers
-    from gptlab.generation import generate_text
-
     check_sample_config(cfg)
-    ckpt, _, _ = open_checkpoint(cfg, "gptlab-sample")
-    info = ckpt["gptlab"]
-    model = checkpoints.model_from_checkpoint(ckpt).to(cfg.device)
-    texts = generate_text(
-        model, tokenizers.from_checkpoint(info), str(cfg.prompt), cfg.max_new_tokens,
-        cfg.temperature, cfg.top_k, cfg.seed, cfg.num_samples, cfg.device, cfg.kv_cache, cfg.window)
+    if cfg.get("model"):
+        texts = sample_model(cfg)
+    else:
+        texts = sample_checkpoint(cfg)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i + 1} ---")
         print(text)
     sys.stdout.flush()
     return texts
+
+
+def sample_model(cfg: DictConfig) -> list[str]:
+    """From a logged or registered MLflow model (model=models:/<name>@<alias>)."""
+    from gptlab import logged_model, store
+
+    uri = str(cfg.model)
+    if cfg.checkpoint:
+        raise GptlabError("give model= or checkpoint=, not both")
+    if cfg.logger.tracking_uri or not uri.startswith(("/", "file:")):
+        import mlflow
+
+        mlflow.set_tracking_uri(store.resolve_tracking_uri(cfg.logger.tracking_uri))
+    generator = logged_model.load(uri)
+    print(f"gptlab-sample: model {uri}, step {generator.info['step']}", file=sys.stderr,
+          flush=True)
+    generator.model.to(cfg.device)
+    return generator.generate([str(cfg.prompt)], cfg.max_new_tokens, cfg.temperature,
+                              cfg.top_k, cfg.seed, cfg.num_samples, cfg.kv_cache, cfg.window)
+
+
+def sample_checkpoint(cfg: DictConfig) -> list[str]:
+    """From a run's checkpoint (run_id=, which=) or a checkpoint file (checkpoint=)."""
+    from gptlab import checkpoints
+    from gptlab import tokenizer as tokenizers
+    from gptlab.generation import generate_text
+
+    ckpt, _, _ = open_checkpoint(cfg, "gptlab-sample")
+    info = ckpt["gptlab"]
+    model = checkpoints.model_from_checkpoint(ckpt).to(cfg.device)
+    return generate_text(
+        model, tokenizers.from_checkpoint(info), str(cfg.prompt), cfg.max_new_tokens,
+        cfg.temperature, cfg.top_k, cfg.seed, cfg.num_samples, cfg.device, cfg.kv_cache,
+        cfg.window)
 
 
 @hydra.main(config_path=f"{CONF_DIR}/sample", config_name="sample", version_base="1.3")

@@ -50,7 +50,8 @@ from gptlab.schedule import Steps
 from gptlab.signals import StopSignals
 
 # the `logger` group's own keys; any other entry with a _target_ is a Lightning logger
-MLFLOW_SETTINGS = ("tracking_uri", "experiment_name", "run_name", "enabled", "outage_timeout")
+MLFLOW_SETTINGS = ("tracking_uri", "experiment_name", "run_name", "enabled", "outage_timeout",
+                   "log_model", "register_model", "system_metrics", "system_metrics_interval")
 
 # Lightning's start-up banners ("GPU available", hosted-service tips) are informational
 # messages of this logger; gptlab prints its own summary of what it runs on
@@ -263,7 +264,29 @@ def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
         # one figure per run to sort by in the UI (val/loss itself shows the latest)
         record.recorder.metrics([Metric("best_val_loss", best, int(time.time() * 1000),
                                         s.checkpoints.best_step)])
+        if cfg.logger.get("log_model", True):
+            log_model(s, record)
     return (math.nan if best is None else best), text
+
+
+def log_model(s: Session, record: RunRecord) -> None:
+    """The run's best weights as its MLflow model (and a registered version, if asked),
+    once the recorder has stored the best checkpoint."""
+    from gptlab import logged_model
+
+    recorder = record.recorder
+    if not recorder.drain(recorder.outage_timeout):
+        recorder.check()
+        return
+    name = s.checkpoints.best_name
+    with store.scratch() as scratch:
+        path = store.download(record.client, record.run_id, f"checkpoints/{name}", scratch)
+        info = logged_model.log(record.client.tracking_uri, record.run_id, path,
+                                s.checkpoints.best_step, s.cfg.logger.get("register_model"))
+    version = f", registered as {info.registered_model_version}" \
+        if getattr(info, "registered_model_version", None) else ""
+    log.info(f"model of step {s.checkpoints.best_step}: runs:/{record.run_id}/"
+             f"{logged_model.NAME}{version}")
 
 
 def run_phases(s: Session, job: Job, record: RunRecord, stop: StopSignals) -> str:
