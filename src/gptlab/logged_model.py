@@ -43,8 +43,9 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         self.model = model_from_checkpoint(ckpt)
         self.tokenizer = tokenizers.from_checkpoint(self.info)
 
-    # a DataFrame: MLflow puts the prompts in one (the logged signature's string column);
-    # a list[str] hint would make MLflow infer a signature of its own, without the params
+    # MLflow passes the prompts as the caller gave them: a list (as the server's JSON has
+    # them) or a frame. The hint is one MLflow infers nothing from: a list[str] hint would
+    # make it replace the logged signature, params and all, with one of its own
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> list[str]:
         try:
@@ -101,8 +102,10 @@ def signature() -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+    # no input schema: MLflow would refuse an empty list of prompts with a multi-line report
+    # of its own before predict() could say what is wrong in one line
     return ModelSignature(
-        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+        inputs=None, outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", PARAMS["max_new_tokens"]),
                             ParamSpec("temperature", "double", PARAMS["temperature"]),
                             ParamSpec("top_k", "long", PARAMS["top_k"]),
