@@ -87,6 +87,31 @@ def test_a_stopped_search_started_again_continues_its_study(tmp_path, small_corp
     assert len(study_runs(tmp_path)[1]) == 5
 
 
+def test_processes_share_a_study_kept_in_postgresql(postgres, tmp_path, small_corpus):
+    url = postgres.create_database(driver=False)  # a plain postgresql:// URL, as users give
+    command = [str(BIN / "gptlab-train"), *SEARCH, "hydra.sweeper.n_trials=4",
+               f"hydra.sweeper.storage={url}"]
+    procs = [subprocess.Popen(command, cwd=tmp_path, env=cli_env(tmp_path, small_corpus),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    trials = optuna.load_study(study_name="lr_dropout",
+                               storage=url.replace("postgresql://", "postgresql+psycopg://"),
+                               ).get_trials()
+    assert [(t.number, t.state) for t in trials] == [(n, TrialState.COMPLETE) for n in range(4)]
+    parent, kids = study_runs(tmp_path)
+    assert parent.info.status == "FINISHED" and len(kids) == 4
+    # a wrong password: one line, the password not shown, nothing recorded
+    wrong = url.replace(f":{postgres.PASSWORD}@", ":not-the-password@")
+    res = run_cli("gptlab-train", [*SEARCH, f"hydra.sweeper.storage={wrong}"], tmp_path,
+                  small_corpus)
+    line = one_line_error(res.returncode, res.stderr, "cannot open the study storage",
+                          "password authentication failed")
+    assert "not-the-password" not in line
+    assert len(study_runs(tmp_path)[1]) == 4
+
+
 @pytest.fixture(scope="module")
 def one_trial(tmp_path_factory, small_corpus):
     tmp = tmp_path_factory.mktemp("study")

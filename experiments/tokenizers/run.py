@@ -1,0 +1,177 @@
+"""What a tokenizer buys at equal compute: characters against byte-level BPE, in bits per
+character over the same validation characters, at equal training time on this CPU.
+
+nanoGPT's CPU architecture (4 layers, 4 heads, 128 channels, a block of 64 tokens, batch 12)
+with each tokenizer. A short timing run of each (2 threads, one run at a time, no validation)
+measures its milliseconds per step; each then trains for as many steps as fit in the time the
+char recipe's 2000 steps take, with the recipe's schedule stretched to those steps. Every run
+is scored by val/bpc (the first 32,768 characters of the validation split, whatever the
+tokenizer) and compared with gptlab's seed grouping (mean, std, Welch's t-test against char).
+
+    python experiments/tokenizers/run.py                     # char, bpe 512, bpe 2048 x 3 seeds
+    python experiments/tokenizers/run.py --report-only       # the table and plot again
+
+Writes results.md, results.json, val_bpc.png and samples.md beside this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from gptlab import comparison, store
+from gptlab.data import CharDataModule
+
+HERE = Path(__file__).resolve().parent
+EXPERIMENT = "tokenizers"
+TOKENIZERS = {"char": [], "bpe512": ["data.tokenizer=bpe", "data.vocab_size=512"],
+              "bpe2048": ["data.tokenizer=bpe", "data.vocab_size=2048"]}
+BASE_STEPS = 2000  # the char recipe's
+
+
+def gptlab_train(args: list[str]) -> None:
+    subprocess.run([str(Path(sys.executable).parent / "gptlab-train"),
+                    "experiment=shakespeare_char_cpu", *args], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def ms_per_step(client: MlflowClient, name: str, overrides: list[str], steps: int) -> float:
+    """Median training ms/step of a short run (logged tokens/s over every 10 steps)."""
+    gptlab_train([*overrides, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+                  "logger.experiment_name=tokenizers_timing", f"logger.run_name={name}",
+                  "logger.log_model=false", "trainer.enable_progress_bar=false"])
+    run = client.search_runs([store.experiment_id(client, "tokenizers_timing")],
+                             f"attributes.run_name = '{name}'", max_results=1)[0]
+    speeds = [m.value for m in client.get_metric_history(run.info.run_id, "tokens_per_sec")]
+    return 1000 * 12 * 64 / statistics.median(speeds[2:])  # past the first interval's warm-up
+
+
+def chars_per_token(overrides: list[str]) -> float:
+    """Characters a token of this tokenizer spells on the training split."""
+    kv = dict(o.split("=", 1) for o in overrides)
+    dm = CharDataModule(tokenizer=kv.get("data.tokenizer", "char"),
+                        vocab_size=int(kv["data.vocab_size"]) if "data.vocab_size" in kv
+                        else None)
+    dm.setup()
+    text_chars = len(dm.tokenizer.decode(dm.train_data[:200_000].tolist()))
+    return text_chars / min(200_000, len(dm.train_data))
+
+
+def plan(client: MlflowClient, timing_steps: int) -> dict[str, dict]:
+    out = {}
+    for name, overrides in TOKENIZERS.items():
+        out[name] = {"ms_per_step": ms_per_step(client, name, overrides, timing_steps),
+                     "chars_per_token": chars_per_token(overrides)}
+    base = out["char"]["ms_per_step"] * BASE_STEPS
+    for p in out.values():
+        p["steps"] = int(round(base / p["ms_per_step"], -1))
+    return out
+
+
+def train(settings: dict[str, dict], seeds: list[int]) -> None:
+    for name, overrides in TOKENIZERS.items():
+        steps = settings[name]["steps"]
+        for seed in seeds:
+            gptlab_train([*overrides, f"seed={seed}", f"trainer.max_steps={steps}",
+                          f"trainer.val_check_interval={max(10, steps // 8)}",
+                          f"logger.experiment_name={EXPERIMENT}", f"logger.run_name={name}",
+                          "trainer.enable_progress_bar=false"])
+
+
+def collect(client: MlflowClient, settings: dict[str, dict]) -> tuple[list, list]:
+    runs = [r for r in client.search_runs([store.experiment_id(client, EXPERIMENT)],
+                                          "attributes.status = 'FINISHED'", max_results=500)]
+    rows = [comparison.summarize(client, r, []) for r in runs]
+    for row, run in zip(rows, runs, strict=True):
+        row["_params"] = {"tokenizer": run.info.run_name}
+        row["_run"] = run
+    groups = comparison.groups(rows, ["tokenizer"], baseline="tokenizer=char",
+                               metric="val/bpc")
+    for g in groups:
+        name = g["group"].removeprefix("tokenizer=")
+        g["tokenizer"] = name
+        members = [r for r in rows if r["_params"]["tokenizer"] == name]
+        g["steps"] = members[0]["steps"]
+        g["chars/s"] = g["tokens/s"] * settings[name]["chars_per_token"]
+        g["best_run"] = min(members, key=lambda r: r["best val/bpc"])["_run"]
+    return rows, groups
+
+
+def table(groups: list[dict], settings: dict[str, dict]) -> str:
+    lines = ["| tokenizer | chars/token | block covers (chars) | steps | runs | "
+             "val bpc (mean +- std) | vs char | p (Welch) | tokens/s | chars/s | ms/step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for g in sorted(groups, key=lambda g: list(TOKENIZERS).index(g["tokenizer"])):
+        s = settings[g["tokenizer"]]
+        p = g["p (Welch)"]
+        lines.append(
+            f"| {g['tokenizer']} | {s['chars_per_token']:.2f} | "
+            f"{64 * s['chars_per_token']:.0f} | {g['steps']} | {g['runs']} | "
+            f"{g['best val/bpc']:.4f} +- {g['best std']:.4f} | "
+            + ("-" if g["tokenizer"] == "char" else f"{g['diff']:+.4f}") + " | "
+            + ("-" if p != p else f"{p:.3g}{' *' if p < 0.05 else ''}") + " | "
+            f"{g['tokens/s']:,.0f} | {g['chars/s']:,.0f} | {g['ms/step']:.1f} |")
+    return "\n".join(lines)
+
+
+def samples(client: MlflowClient, groups: list[dict], scratch: Path) -> str:
+    out = ["# Samples: the final sample of each tokenizer's best run\n"]
+    for g in sorted(groups, key=lambda g: list(TOKENIZERS).index(g["tokenizer"])):
+        run = g["best_run"]
+        text = Path(client.download_artifacts(run.info.run_id, "samples/final.txt",
+                                              str(scratch))).read_text()
+        bpc = min(m.value for m in client.get_metric_history(run.info.run_id, "val/bpc"))
+        out.append(f"## {g['tokenizer']} (seed {run.data.params['seed']}, val bpc {bpc:.4f})"
+                   f"\n\n```\n{text[:700]}\n```\n")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--timing-steps", type=int, default=200)
+    ap.add_argument("--report-only", action="store_true", help="read the runs again")
+    ap.add_argument("--tracking-uri", default=None)
+    args = ap.parse_args(argv)
+    uri = store.resolve_tracking_uri(args.tracking_uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    client = store.connect(uri)
+    settings_file = HERE / "settings.json"
+    start = time.time()
+    if args.report_only:
+        settings = json.loads(settings_file.read_text())
+    else:
+        settings = plan(client, args.timing_steps)
+        settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+        train(settings, args.seeds)
+    rows, groups = collect(client, settings)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    text = (f"`python experiments/tokenizers/run.py` (experiment `{EXPERIMENT}`), "
+            f"{machine}, one run at a time with 2 threads"
+            + ("" if args.report_only else f", {(time.time() - start) / 60:.0f} min in all")
+            + f"\n\n{table(groups, settings)}\n\n* p < 0.05. Steps: as many as the char "
+            f"recipe's {BASE_STEPS} take, from each tokenizer's ms/step in a "
+            f"{args.timing_steps}-step timing run.\n")
+    (HERE / "results.md").write_text(text)
+    (HERE / "results.json").write_text(json.dumps(
+        [{k: v for k, v in g.items() if not k.startswith("_") and k != "best_run"}
+         for g in groups], indent=2, default=str) + "\n")
+    comparison.plot(rows, "val/bpc by tokenizer at equal training time (band: one std)",
+                    str(HERE / "val_bpc.png"), groups, metric="val/bpc")
+    with store.scratch() as scratch:
+        (HERE / "samples.md").write_text(samples(client, groups, scratch))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
