@@ -116,6 +116,8 @@ def record_of(client: MlflowClient, experiment: str, tmp: Path) -> dict:
     run_id = run.info.run_id
     out: dict = {"status": run.info.status}
     for key in sorted(run.data.metrics):
+        if key.startswith("system/"):  # the machine's CPU, memory, ... sampled by the clock
+            continue
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         # throughput is a timing: only its steps must match
         out[key] = [m.step if key == "tokens_per_sec" else (m.step, round(m.value, 6))
