@@ -222,6 +222,17 @@ def test_a_url_that_is_not_postgresql_is_one_line(capsys, url, words):
     assert "secret" not in err
 
 
+def test_a_port_in_use_is_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            server_cli.main(["postgresql://u:pw@127.0.0.1:1/db", "--port", str(port)])
+    one_line_error(e.value.code, capsys.readouterr().err, f"cannot listen on 127.0.0.1:{port}",
+                   "in use")
+
+
 def test_urls_use_psycopg_3_unless_a_driver_is_named():
     assert (server_cli.sqlalchemy_url("postgresql://u:p@h:5432/db")
             == "postgresql+psycopg://u:p@h:5432/db")

@@ -104,6 +104,20 @@ def artifacts_destination(value: str) -> str:
     return str(folder)
 
 
+def check_port(host: str, port: int) -> None:
+    """Bind the address once, as uvicorn will: a port in use (another server) or a host that
+    is not this machine's is one line now rather than MLflow's traceback after its start-up."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        raise GptlabError(f"cannot listen on {host}:{port}: "
+                          f"{e.strerror or first_line(e)}") from None
+
+
 def client_url(host: str, port: int) -> str:
     """The address clients use: a server on every interface is reached by this machine's
     name."""
@@ -180,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not 0 < args.port < 65536 or args.workers < 1:
         raise GptlabError("--port must be 1..65535 and --workers at least 1")
     url = sqlalchemy_url(args.database)
+    check_port(args.host, args.port)
     check_database(args.database)
     args.artifacts = artifacts_destination(args.artifacts)
     cmd = mlflow_command(args, extra)
