@@ -249,8 +249,9 @@ def test_a_server_for_the_team_accepts_this_machines_name():
     args.artifacts = "/srv/a"
     cmd = server_cli.mlflow_command(args, [])
     hosts = cmd[cmd.index("--allowed-hosts") + 1].split(",")
-    assert f"{socket.getfqdn()}:*" in hosts and "localhost:*" in hosts
-    assert server_cli.client_url("0.0.0.0", 5000) == f"http://{socket.getfqdn()}:5000"
+    assert f"{server_cli.machine_name()}:*" in hosts and "localhost:*" in hosts
+    assert f"{socket.gethostname()}:*" in hosts
+    assert server_cli.client_url("0.0.0.0", 5000) == f"http://{server_cli.machine_name()}:5000"
     args = server_cli.parser().parse_args(["postgresql://u@h/db"])
     args.artifacts = "/srv/a"
     assert "--allowed-hosts" not in server_cli.mlflow_command(args, [])  # loopback: MLflow's

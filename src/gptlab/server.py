@@ -118,11 +118,18 @@ def check_port(host: str, port: int) -> None:
                           f"{e.strerror or first_line(e)}") from None
 
 
+def machine_name() -> str:
+    """This machine's name as others reach it: its fully qualified name, unless that is only
+    localhost (no domain configured), then its host name."""
+    fqdn = socket.getfqdn()
+    return socket.gethostname() if fqdn.startswith("localhost") else fqdn
+
+
 def client_url(host: str, port: int) -> str:
     """The address clients use: a server on every interface is reached by this machine's
     name."""
     if host in ("0.0.0.0", "::", ""):
-        host = socket.getfqdn()
+        host = machine_name()
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
@@ -138,7 +145,7 @@ def allowed_hosts(host: str) -> str | None:
     if host not in ("0.0.0.0", "::", ""):
         names.add(host)
     ours = [pattern for name in sorted(names) for pattern in (name, f"{name}:*")]
-    return ",".join([*get_default_allowed_hosts(), *ours])
+    return ",".join(dict.fromkeys([*get_default_allowed_hosts(), *ours]))  # once each
 
 
 def mlflow_command(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
