@@ -239,6 +239,7 @@ def test_urls_use_psycopg_3_unless_a_driver_is_named():
     assert server_cli.sqlalchemy_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
     assert (server_cli.sqlalchemy_url("postgresql+psycopg2://u@h/db")
             == "postgresql+psycopg2://u@h/db")
+    assert server_cli.sqlalchemy_url("postgres+pg8000://u@h/db") == "postgresql+pg8000://u@h/db"
     assert server_cli.masked("postgresql://u:p%40ss@h:5432/db") == "postgresql://u:***@h:5432/db"
 
 

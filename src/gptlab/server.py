@@ -42,7 +42,7 @@ def sqlalchemy_url(url: str) -> str:
     if not sep or base not in ("postgresql", "postgres") or not rest:
         raise GptlabError(f"the database URL must be postgresql://USER:PASSWORD@HOST:PORT/"
                           f"DATABASE, not {masked(url)!r}")
-    return f"{scheme}://{rest}" if driver else f"{DRIVER}://{rest}"
+    return f"postgresql+{driver}://{rest}" if driver else f"{DRIVER}://{rest}"
 
 
 def libpq_url(url: str) -> str:
