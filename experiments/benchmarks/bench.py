@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--recipes", nargs="*", default=None, help="subset of " + ", ".join(RECIPES))
     ap.add_argument("--rounds", type=int, default=5,
                     help="timings per path, interleaved; the median is reported")
+    ap.add_argument("overrides", nargs="*",
+                    help="gptlab-train overrides for every recipe, e.g. "
+                         "logger.system_metrics=false to time gptlab without them")
     args = ap.parse_args(argv)
     rounds = 1 if args.smoke else args.rounds
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(d)
         for name in names:
             overrides, steps = RECIPES[name]
+            overrides = [*overrides, *args.overrides]
             if device == "cpu":
                 overrides = [*overrides, "trainer=cpu"]
             steps = WARMUP + 5 if args.smoke else steps

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 EXPERIMENT = "tokenizers"
 TOKENIZERS = {"char": [], "bpe512": ["data.tokenizer=bpe", "data.vocab_size=512"],
               "bpe2048": ["data.tokenizer=bpe", "data.vocab_size=2048"]}
-BASE_STEPS = 2000  # the char recipe's
+BASE_STEPS = 2000  # the char recipe's; --base-steps to spend less time
 
 
 def gptlab_train(args: list[str]) -> None:
@@ -67,12 +67,15 @@ def chars_per_token(overrides: list[str]) -> float:
     return text_chars / min(200_000, len(dm.train_data))
 
 
-def plan(client: MlflowClient, timing_steps: int) -> dict[str, dict]:
-    out = {}
+def plan(client: MlflowClient, timing_steps: int, base_steps: int,
+         timed: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Each tokenizer's speed (timed now, or as `timed` says) and its steps."""
+    out = timed or {}
     for name, overrides in TOKENIZERS.items():
-        out[name] = {"ms_per_step": ms_per_step(client, name, overrides, timing_steps),
-                     "chars_per_token": chars_per_token(overrides)}
-    base = out["char"]["ms_per_step"] * BASE_STEPS
+        if name not in out:
+            out[name] = {"ms_per_step": ms_per_step(client, name, overrides, timing_steps),
+                         "chars_per_token": chars_per_token(overrides)}
+    base = out["char"]["ms_per_step"] * base_steps
     for p in out.values():
         p["steps"] = int(round(base / p["ms_per_step"], -1))
     return out
@@ -102,6 +105,10 @@ def collect(client: MlflowClient, settings: dict[str, dict]) -> tuple[list, list
         g["tokenizer"] = name
         members = [r for r in rows if r["_params"]["tokenizer"] == name]
         g["steps"] = members[0]["steps"]
+        # speeds from the timing runs, made one at a time on a quiet machine: the runs'
+        # own figures depend on what else the machine ran meanwhile
+        g["tokens/s"] = 1000 * 12 * 64 / settings[name]["ms_per_step"]
+        g["ms/step"] = settings[name]["ms_per_step"]
         g["chars/s"] = g["tokens/s"] * settings[name]["chars_per_token"]
         g["best_run"] = min(members, key=lambda r: r["best val/bpc"])["_run"]
     return rows, groups
@@ -140,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--timing-steps", type=int, default=200)
+    ap.add_argument("--base-steps", type=int, default=BASE_STEPS,
+                    help="the char run's steps; the others get as much time")
     ap.add_argument("--report-only", action="store_true", help="read the runs again")
+    ap.add_argument("--reuse-timing", action="store_true",
+                    help="the speeds of settings.json, from an earlier timing on this machine")
     ap.add_argument("--tracking-uri", default=None)
     args = ap.parse_args(argv)
     uri = store.resolve_tracking_uri(args.tracking_uri)
@@ -151,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         settings = json.loads(settings_file.read_text())
     else:
-        settings = plan(client, args.timing_steps)
+        timed = json.loads(settings_file.read_text()) if args.reuse_timing else None
+        settings = plan(client, args.timing_steps, args.base_steps, timed)
         settings_file.write_text(json.dumps(settings, indent=2) + "\n")
         train(settings, args.seeds)
     rows, groups = collect(client, settings)
@@ -160,8 +172,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{machine}, one run at a time with 2 threads"
             + ("" if args.report_only else f", {(time.time() - start) / 60:.0f} min in all")
             + f"\n\n{table(groups, settings)}\n\n* p < 0.05. Steps: as many as the char "
-            f"recipe's {BASE_STEPS} take, from each tokenizer's ms/step in a "
-            f"{args.timing_steps}-step timing run.\n")
+            f"run's {settings['char']['steps']} take, from each tokenizer's ms/step in a "
+            f"{args.timing_steps}-step timing run (tokens/s, chars/s and ms/step are that "
+            f"run's; chars/token on the training split).\n")
     (HERE / "results.md").write_text(text)
     (HERE / "results.json").write_text(json.dumps(
         [{k: v for k, v in g.items() if not k.startswith("_") and k != "best_run"}
