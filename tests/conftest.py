@@ -247,7 +247,7 @@ class Postgres:
     USER with PASSWORD (scram-sha-256, as a team's server would ask). PostgreSQL refuses to
     run as root, so under root it runs as the `postgres` user, in a folder that user owns."""
 
-    ADMIN, USER, PASSWORD = "admin", "gptlab", "gptlab-secret"
+    ADMIN, USER, PASSWORD, DATABASE = "admin", "gptlab", "gptlab-secret", "gptlab"
 
     def __init__(self, bindir: Path):
         self.bindir = bindir
@@ -293,12 +293,16 @@ class Postgres:
         wait_until(up, timeout, "PostgreSQL to start", poll=0.1)
         with self.admin() as conn:
             conn.execute(f"CREATE ROLE {self.USER} LOGIN PASSWORD '{self.PASSWORD}'")
+            conn.execute(f"CREATE DATABASE {self.DATABASE} OWNER {self.USER}")
 
     def admin(self) -> psycopg.Connection:
         return psycopg.connect(host=str(self.folder), port=self.port, user=self.ADMIN,
                                dbname="postgres", autocommit=True, connect_timeout=2)
 
-    def url(self, database: str, driver: bool = True, password: str | None = None) -> str:
+    def url(self, database: str = DATABASE, driver: bool = True, password: str | None = None
+            ) -> str:
+        """postgresql+psycopg://USER:PASSWORD@127.0.0.1:port/database (the shared database
+        by default); driver=False gives the plain postgresql:// a user would type."""
         scheme = "postgresql+psycopg" if driver else "postgresql"
         return (f"{scheme}://{self.USER}:{password or self.PASSWORD}@127.0.0.1:{self.port}/"
                 f"{database}")

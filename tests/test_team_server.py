@@ -195,7 +195,7 @@ def test_eight_parallel_jobs_logging_every_step_lose_nothing(team, tmp_path_fact
 @pytest.mark.parametrize("what", ["closed port", "wrong password", "no such database"])
 def test_a_database_that_cannot_be_used_is_one_line(postgres, tmp_path, small_corpus, what):
     url = {"closed port": f"postgresql://gptlab:pw@127.0.0.1:{free_port()}/mlflow",
-           "wrong password": postgres.url("postgres", driver=False, password="wrong"),
+           "wrong password": postgres.url(driver=False, password="wrong"),
            "no such database": postgres.url("nosuchdb", driver=False)}[what]
     port = free_port()
     res = run_cli("gptlab-server", [url, "--port", str(port), "--artifacts",
