@@ -39,10 +39,14 @@ TOKENIZERS = {"char": [], "bpe512": ["data.tokenizer=bpe", "data.vocab_size=512"
 BASE_STEPS = 2000  # the char recipe's; --base-steps to spend less time
 
 
+THREADS: str | None = None  # --threads: torch's threads in each run
+
+
 def gptlab_train(args: list[str]) -> None:
+    env = dict(os.environ, **({"OMP_NUM_THREADS": THREADS} if THREADS else {}))
     subprocess.run([str(Path(sys.executable).parent / "gptlab-train"),
                     "experiment=shakespeare_char_cpu", *args], check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env=env)
 
 
 def ms_per_step(client: MlflowClient, name: str, overrides: list[str], steps: int) -> float:
@@ -153,7 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reuse-timing", action="store_true",
                     help="the speeds of settings.json, from an earlier timing on this machine")
     ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--threads", help="threads per run (one thread is steadier on a "
+                                          "machine that runs other work too)")
     args = ap.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
     uri = store.resolve_tracking_uri(args.tracking_uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     client = store.connect(uri)
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, groups = collect(client, settings)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     text = (f"`python experiments/tokenizers/run.py` (experiment `{EXPERIMENT}`), "
-            f"{machine}, one run at a time with 2 threads"
+            f"{machine}, one run at a time with {args.threads or 2} thread(s)"
             + ("" if args.report_only else f", {(time.time() - start) / 60:.0f} min in all")
             + f"\n\n{table(groups, settings)}\n\n* p < 0.05. Steps: as many as the char "
             f"run's {settings['char']['steps']} take, from each tokenizer's ms/step in a "
