@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--recipes", nargs="*", default=None, help="subset of " + ", ".join(RECIPES))
     ap.add_argument("--rounds", type=int, default=5,
                     help="timings per path, interleaved; the median is reported")
+    ap.add_argument("--no-generation", action="store_true",
+                    help="time training only (the generation timings take minutes)")
     ap.add_argument("overrides", nargs="*",
                     help="gptlab-train overrides for every recipe, e.g. "
                          "logger.system_metrics=false to time gptlab without them")
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = compose_cfg(overrides, tmp)
             rows.append(training_row(name, steps, cfg.data.batch_size * cfg.data.block_size,
                                      timings))
-    gen = generation(20 if args.smoke else 500, device, rounds)
+    gen = {} if args.no_generation else generation(20 if args.smoke else 500, device, rounds)
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     result = {
         "machine": {"device": torch.cuda.get_device_name() if device == "cuda" else cpu,
@@ -252,7 +254,7 @@ def print_table(result: dict) -> None:
         for stat in ("median", "mean"):
             print(" | ".join([row["recipe"], stat, *(str(row[stat][c]) for c in cols)]))
     g = result["generation"]
-    for name, (window, pos_emb) in GENERATION.items():
+    for name, (window, pos_emb) in GENERATION.items() if g else ():
         print(f"generation, window={window}, {pos_emb} positions ({g['new_tokens']} tokens, "
               f"10.7M-param GPT, block {g['block_size']}): {g[name]['kv_cache_tok_s']} tok/s "
               f"with KV cache, {g[name]['no_cache_tok_s']} without ({g[name]['speedup']}x)")
