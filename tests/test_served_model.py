@@ -114,10 +114,14 @@ def post(port: int, body: dict) -> tuple[int, dict]:
 def test_mlflow_models_serve_answers_with_generated_text(trained, small_corpus):
     tmp, run = trained
     port = free_port()
+    # `mlflow models serve` starts `uvicorn` by name: the environment's bin/ must be on PATH,
+    # as it is in an activated venv
+    env = cli_env(tmp, small_corpus)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{run.info.run_id}/model",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=tmp, env=cli_env(tmp, small_corpus), stdout=subprocess.DEVNULL,
+        cwd=tmp, env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, start_new_session=True)
     try:
         def up() -> bool:
