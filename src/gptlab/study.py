@@ -15,7 +15,6 @@ loads plugins only from that namespace); this module holds what it needs.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -147,9 +146,12 @@ def open_study(name: str, storage: str, direction: str,
         raise GptlabError(f"hydra.sweeper.direction must be minimize or maximize, "
                           f"not {direction!r}")
     try:
-        rdb = optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
-        study = optuna.create_study(study_name=name, storage=rdb, direction=direction,
-                                    load_if_exists=True)
+        # under the lock: processes opening a new storage at once would each create its
+        # tables, and all but one fail
+        with lock(name, storage):
+            rdb = optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
+            study = optuna.create_study(study_name=name, storage=rdb, direction=direction,
+                                        load_if_exists=True)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise GptlabError(f"cannot open the study storage {_shown(storage)}: {reason}"
@@ -181,22 +183,17 @@ def _space_text(space: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def lock(study: optuna.Study, storage: str) -> Iterator[None]:
+def lock(name: str, storage: str) -> Iterator[None]:
     """Held while a process claims trials or decides that the study is done, across every
     process that shares the study: a file lock beside a SQLite file, an advisory lock (keyed
     by the study's name) in PostgreSQL."""
     if storage.startswith("sqlite"):
-        path = Path(storage.removeprefix("sqlite:///") + ".lock")
-        with open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with store.file_lock(Path(storage.removeprefix("sqlite:///") + ".lock")):
+            yield
         return
     import sqlalchemy
 
-    key = int.from_bytes(hashlib.sha256(study.study_name.encode()).digest()[:8], "big",
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big",
                          signed=True)
     engine = sqlalchemy.create_engine(storage, **_engine_kwargs(storage))
     try:

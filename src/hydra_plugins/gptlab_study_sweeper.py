@@ -56,14 +56,14 @@ class StudySweeper(Sweeper):
         space, fixed = studies.search_space(self.params, arguments)
         storage = studies.storage_url(self.storage, self.config.logger.tracking_uri)
         study = studies.open_study(self.study_name, storage, self.direction, space)
-        with studies.lock(study, storage):
+        with studies.lock(self.study_name, storage):
             place = studies.join(study)
             parent = studies.open_parent(study, self.config)
 
         mine: set[int] = set()  # the trials this process runs now
 
         def others_go_on() -> bool:
-            with studies.lock(study, storage):
+            with studies.lock(self.study_name, storage):
                 return studies.running(study, besides=mine) > 0
 
         if parent is not None:
@@ -75,7 +75,7 @@ class StudySweeper(Sweeper):
 
         returns = []
         while True:
-            with studies.lock(study, storage):
+            with studies.lock(self.study_name, storage):
                 trials = studies.claim(study, space, self.n_trials, self.n_jobs)
             if not trials:
                 break
