@@ -80,9 +80,11 @@ def test_val_bpc_is_what_gptlab_eval_gives_on_the_same_characters(runs, small_co
                                       "which=newest", "stride=16"], tmp, small_corpus)
         assert res.returncode == 0, res.stderr[-3000:]
         final = client.get_metric_history(run.info.run_id, "val/bpc")[-1]
-        recorded = client.get_metric_history(run.info.run_id, "eval/val/bpc")
-        assert [(m.step, round(m.value, 4)) for m in recorded] == [(20, round(final.value, 4))]
-        assert f"eval/val/bpc = {final.value:.4f}" in res.stdout
+        (recorded,) = client.get_metric_history(run.info.run_id, "eval/val/bpc")
+        # the same windows and weights; only the order of the sums differs (other batches)
+        assert recorded.step == 20 and recorded.value == pytest.approx(final.value, abs=1e-5)
+        printed = float(res.stdout.split("eval/val/bpc = ")[1].split()[0])
+        assert printed == pytest.approx(final.value, abs=1e-4)
     # per token the two losses do not compare; per character they do
     char_bpc = client.get_metric_history(char_run.info.run_id, "val/bpc")[-1].value
     char_loss = client.get_metric_history(char_run.info.run_id, "val/loss")[-1].value
