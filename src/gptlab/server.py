@@ -16,7 +16,6 @@ import argparse
 import os
 import socket
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -93,14 +92,10 @@ def artifacts_destination(value: str) -> str:
     first upload."""
     if "://" in value:
         return value
+    from gptlab import store  # here: MLflow's import is for starting, not for --help
+
     folder = Path(value).expanduser().resolve()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".gptlab-probe-"):
-            pass
-    except OSError as e:
-        raise GptlabError(f"the artifacts folder {folder} cannot be written: "
-                          f"{e.strerror or first_line(e)}") from None
+    store.check_writable(folder, "the artifacts folder")
     return str(folder)
 
 

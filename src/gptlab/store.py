@@ -139,14 +139,15 @@ def run_lock_held(uri: str, run_id: str) -> bool:
     return True
 
 
-def _check_writable(folder: Path) -> None:
-    """Write and remove a file: permissions alone do not tell (root, read-only mounts)."""
+def check_writable(folder: Path, what: str = "the MLflow store at") -> None:
+    """Make the folder and write and remove a file in it: permissions alone do not tell
+    (root, read-only mounts). `what` names the folder in the error."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".gptlab-probe-"):
             pass
     except OSError as e:
-        raise GptlabError(f"the MLflow store at {folder} cannot be written: "
+        raise GptlabError(f"{what} {folder} cannot be written: "
                           f"{e.strerror or first_line(e)}") from None
 
 
@@ -164,8 +165,8 @@ def connect(uri: str | None = None) -> MlflowClient:
         client = MlflowClient(tracking_uri=uri)
         _first_look(client, uri)
         return client
-    _check_writable(db.parent)
-    _check_writable(db.parent / "artifacts")
+    check_writable(db.parent)
+    check_writable(db.parent / "artifacts")
     # a client of a new database creates its tables as it is made; two processes starting at
     # once would both try, and one would fail
     with file_lock(db.with_name(db.name + ".lock")):
