@@ -133,3 +133,32 @@ def test_cancel_takes_back_a_write_not_started():
     gate.set()
     assert rec.close(timeout=10)
     assert client.points == []
+
+
+def test_a_sqlite_store_locked_by_another_process_is_waited_for(tmp_path):
+    """Processes sharing a SQLite store (a sweep's parallel jobs, a shared study) lock it in
+    turn; a write that finds it locked for longer than MLflow waits is retried, not a failure
+    of the run."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    rec = Recorder(client, outage_timeout=120, retry_wait=(0.2, 1.0))
+    rec.attach(run_id)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # as a writer in another process holds it
+    rec.metrics(metrics(1, 2))
+    # MLflow waits 20 s for a locked SQLite database, then raises
+    deadline = time.time() + 60
+    while not rec.in_outage and time.time() < deadline:
+        time.sleep(0.2)
+    assert rec.in_outage and rec.error is None
+    other.execute("COMMIT")
+    other.close()
+    rec.metrics(metrics(3))
+    assert rec.close(timeout=60)
+    rec.check()
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]

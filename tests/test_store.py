@@ -85,6 +85,45 @@ def test_two_runs_started_at_once_share_a_fresh_store(tmp_path, small_corpus):
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
 
 
+def _log_datasets_at_once(uri: str, run_id: str, barrier, errors) -> None:
+    from mlflow.entities import Dataset
+
+    client = MlflowClient(uri)
+    for digest in DIGESTS:
+        dataset = Dataset(name="corpus", digest=digest, source_type="local", source="/c.txt")
+        barrier.wait()
+        try:
+            store.log_dataset(client, run_id, dataset)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            errors.put(str(e)[:300])
+
+
+DIGESTS = [f"d{i}" for i in range(5)]
+
+
+def test_processes_logging_a_new_dataset_at_once_all_link_it(tmp_path):
+    """Jobs starting together log the same corpus as a new dataset of their experiment at the
+    same moment; MLflow adds it in two steps, so all but one collide on its key."""
+    import multiprocessing
+
+    uri = store_uri(tmp_path)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("twins")
+    runs = [client.create_run(experiment).info.run_id for _ in range(3)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(len(runs)), ctx.Queue()
+    procs = [ctx.Process(target=_log_datasets_at_once, args=(uri, r, barrier, errors))
+             for r in runs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert errors.empty(), errors.get()
+    for r in runs:
+        linked = client.get_run(r).inputs.dataset_inputs
+        assert sorted(d.dataset.digest for d in linked) == DIGESTS
+
+
 @pytest.fixture
 def read_only_store(tmp_path, small_corpus):
     """A store with one run on a file system then made read-only (tmpfs, as root)."""

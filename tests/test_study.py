@@ -38,7 +38,7 @@ def test_two_processes_started_together_share_one_study(tmp_path, small_corpus):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(outs)
     trials = load(tmp_path).get_trials()
     for t in trials:
         print(f"trial {t.number}: {t.state.name} value={t.value:.4f} params={t.params}")
@@ -95,7 +95,7 @@ def test_processes_share_a_study_kept_in_postgresql(postgres, tmp_path, small_co
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(outs)
     trials = optuna.load_study(study_name="lr_dropout",
                                storage=url.replace("postgresql://", "postgresql+psycopg://"),
                                ).get_trials()

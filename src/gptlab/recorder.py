@@ -43,14 +43,19 @@ def is_outage(e: BaseException) -> bool:
     or answered with a server-side error; or SQLite was busy with another writer."""
     if isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
         return True
+    text = str(e)
+    # another process's write held a SQLite store for longer than MLflow's busy timeout, or
+    # SQLite refused to wait (two writers each holding what the other needs); MLflow wraps
+    # it in an MlflowException, so this comes before the checks of MLflow's own errors
+    if "database is locked" in text:
+        return True
     if isinstance(e, RestException):
         return e.get_http_status_code() >= 500
-    text = str(e)
     if isinstance(e, MlflowException):
         return text.startswith("API request to") and (
             "failed with exception" in text or "timeout" in text
             or "failed with error code 5" in text)
-    return "database is locked" in text
+    return False
 
 
 @dataclass(eq=False)

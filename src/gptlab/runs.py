@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.entities import Dataset
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -186,8 +186,7 @@ class RunRecord:
         for name, text in tokenizer_files.items():  # vocab.json or tokenizer.json
             client.log_text(self.run_id, text, name)
         if dataset is not None:
-            client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[
-                InputTag("mlflow.data.context", "training")])])
+            store.log_dataset(client, self.run_id, dataset)
         return self.run_id
 
     def reopen(self, resume: Resume, cfg: DictConfig) -> None:

@@ -16,12 +16,12 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
-from mlflow.entities import Param, Run
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
@@ -35,6 +35,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
+T = TypeVar("T")
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 
@@ -245,6 +246,24 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
     items = [Param(k, str(v)) for k, v in params.items()]
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+
+
+def again_on_collision(write: Callable[[], T]) -> T:
+    """Make a write that another process may make at the same moment: MLflow adds a new tag,
+    or a new dataset of an experiment, by looking it up and then inserting it, so the slower
+    of two processes fails on the table's key. By then the row is there and a second try
+    updates or links it; a real fault fails again and is raised."""
+    try:
+        return write()
+    except MlflowException:
+        return write()
+
+
+def log_dataset(client: MlflowClient, run_id: str, dataset: Dataset,
+                context: str = "training") -> None:
+    """Link a dataset to the run (jobs starting together log the same new corpus at once)."""
+    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+    again_on_collision(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
 def log_json(client: MlflowClient, run_id: str, obj: Any, path: str) -> None:

@@ -10,6 +10,7 @@ parent ends FINISHED, or FAILED if a job failed; a stop signal ends it KILLED.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -184,9 +185,13 @@ def open_parent(config: DictConfig, study: str | None = None, run_id: str | None
     _open_parents[run_id] = client.tracking_uri
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / SWEEP_FILE).write_text(json.dumps(
+    # written whole or not at all: processes sharing a study share the folder, and a job of
+    # one may read the file while another process writes it
+    tmp = sweep_dir / f".{SWEEP_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(
         {"parent_run_id": run_id, "varied": keys, "tracking_uri": client.tracking_uri,
          "study": study}))
+    os.replace(tmp, sweep_dir / SWEEP_FILE)
     return run_id, client.tracking_uri
 
 
@@ -224,7 +229,9 @@ class SweepRun(Callback):
         ok = ("FINISHED", "RUNNING", "KILLED") if info.get("study") else ("FINISHED",)
         failed = sorted((r for r in children if r.info.status not in ok),
                         key=lambda r: r.info.run_name or "")
-        record_best(client, parent, children, info["varied"], ongoing=bool(info.get("study")))
+        # a study's processes may end at the same moment, each writing the parent's best
+        store.again_on_collision(lambda: record_best(client, parent, children, info["varied"],
+                                                     ongoing=bool(info.get("study"))))
         record_groups(client, parent, [r for r in children if r.info.status == "FINISHED"])
         _open_parents.pop(parent, None)
         others_go_on = _shared_parents.pop(parent, None)
