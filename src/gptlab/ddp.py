@@ -36,6 +36,7 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from gptlab import store
 from gptlab.console import log
 from gptlab.errors import GptlabError
 
@@ -136,10 +137,8 @@ class Plan:
     attempt: str = ""
 
     def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=1))
-        os.replace(tmp, path)  # a waiting SLURM task never reads half a plan
+        # a waiting SLURM task never reads half a plan
+        store.write_atomic(path, json.dumps(self.__dict__, indent=1))
 
     @classmethod
     def read(cls, path: Path) -> Plan:

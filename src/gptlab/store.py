@@ -95,6 +95,18 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file whole or not at all: under a name of this process's own, then
+    renamed, so another process never reads half of it, and two writing at once never mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _lock_dir(uri: str) -> Path:
     db = sqlite_path(uri)
     if db is not None:

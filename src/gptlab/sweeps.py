@@ -10,7 +10,6 @@ parent ends FINISHED, or FAILED if a job failed; a stop signal ends it KILLED.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -183,15 +182,11 @@ def open_parent(config: DictConfig, study: str | None = None, run_id: str | None
         if keys:
             client.log_param(run_id, "swept", ", ".join(keys))
     _open_parents[run_id] = client.tracking_uri
-    sweep_dir = Path(config.hydra.sweep.dir)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    # written whole or not at all: processes sharing a study share the folder, and a job of
-    # one may read the file while another process writes it
-    tmp = sweep_dir / f".{SWEEP_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps(
+    # processes sharing a study share the folder: a job of one may read the file while
+    # another process writes it
+    store.write_atomic(Path(config.hydra.sweep.dir) / SWEEP_FILE, json.dumps(
         {"parent_run_id": run_id, "varied": keys, "tracking_uri": client.tracking_uri,
          "study": study}))
-    os.replace(tmp, sweep_dir / SWEEP_FILE)
     return run_id, client.tracking_uri
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from gptlab import store
 from gptlab.errors import GptlabError
 
 KINDS = ("char", "bpe")
@@ -170,10 +170,7 @@ def build(kind: str, text: str, train_text: str, vocab_size: int | None,
     if tok.vocab_size < vocab_size:
         raise GptlabError(f"data.vocab_size={vocab_size} is more than the training split "
                           f"supports: its merges end at {tok.vocab_size} tokens")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes may train it at once
-    tmp.write_text(tok.spec, encoding="utf-8")
-    tmp.replace(path)
+    store.write_atomic(path, tok.spec)  # processes may train it at once
     return tok
 
 
