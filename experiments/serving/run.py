@@ -66,10 +66,10 @@ def timed_requests(port: int, n: int, tokens: int) -> list[float]:
 def serve(uri: str, tokens: int, n: int) -> list[float]:
     port = free_port()
     # `mlflow models serve` starts `uvicorn` by name: this environment's bin/ goes first
-    bin_dir = str(Path(sys.executable).parent)
+    bin_dir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri,
+        [str(bin_dir / "mlflow"), "models", "serve", "-m", uri,
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     try:

@@ -39,14 +39,10 @@ TOKENIZERS = {"char": [], "bpe512": ["data.tokenizer=bpe", "data.vocab_size=512"
 BASE_STEPS = 2000  # the char recipe's; --base-steps to spend less time
 
 
-THREADS: str | None = None  # --threads: torch's threads in each run
-
-
 def gptlab_train(args: list[str]) -> None:
-    env = dict(os.environ, **({"OMP_NUM_THREADS": THREADS} if THREADS else {}))
     subprocess.run([str(Path(sys.executable).parent / "gptlab-train"),
                     "experiment=shakespeare_char_cpu", *args], check=True,
-                   stdout=subprocess.DEVNULL, env=env)
+                   stdout=subprocess.DEVNULL)
 
 
 def ms_per_step(client: MlflowClient, name: str, overrides: list[str], steps: int) -> float:
@@ -158,10 +154,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="the speeds of settings.json, from an earlier timing on this machine")
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--threads", help="threads per run (one thread is steadier on a "
-                                          "machine that runs other work too)")
+                                       "machine that runs other work too)")
     args = ap.parse_args(argv)
-    global THREADS
-    THREADS = args.threads
+    if args.threads:  # torch's threads in each training run
+        os.environ["OMP_NUM_THREADS"] = args.threads
     uri = store.resolve_tracking_uri(args.tracking_uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     client = store.connect(uri)
