@@ -22,6 +22,9 @@ from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# prepared corpora of the suite's runs, in-process and in subprocesses, shared by the suite
+# and kept out of the user's own cache
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gptlab-test-cache-")
 
 
 def find_corpus() -> Path | None:

@@ -1,5 +1,6 @@
 import hashlib
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def test_real_corpus_checksum_and_split_sizes(corpus):
     assert (len(dm.train_data), len(dm.val_data)) == (1_003_854, 111_540)
     # unshuffled: train is the head of the corpus, val its tail
     text = corpus.read_text(encoding="utf-8")
-    assert dm.tokenizer.decode(dm.val_data[:50]) == text[1_003_854:1_003_904]
+    assert dm.tokenizer.decode(dm.val_data.head(50).tolist()) == text[1_003_854:1_003_904]
 
 
 def test_batch_targets_are_inputs_shifted_by_one():
@@ -120,7 +121,7 @@ def test_download_is_verified_and_cached(tmp_path, monkeypatch, corpus):
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     p1 = data.resolve_corpus(None, cache_dir=str(tmp_path))
     p2 = data.resolve_corpus(None, cache_dir=str(tmp_path))
-    assert p1 == p2 and p1.read_bytes() == corpus.read_bytes()
+    assert p1 == p2 and Path(p1).read_bytes() == corpus.read_bytes()
     assert calls == [data.TINY_SHAKESPEARE_URL]
 
 

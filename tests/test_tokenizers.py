@@ -1,6 +1,7 @@
 """Tokenizers: a byte-level BPE run end to end, bits per character as the one currency,
 gptlab-eval on any text, and bad input."""
 
+import json
 import math
 
 import pytest
@@ -56,13 +57,15 @@ def _env(tmp, corpus):
 
 def test_bpe_run_resumes_with_its_own_tokenizer(tmp_path, small_corpus):
     run = train(tmp_path, small_corpus, "resumed", *BPE, f"data.cache_dir={tmp_path}")
-    assert list(tmp_path.glob("tokenizers/bpe-*-300.json"))
+    assert [json.loads(m.read_text())["tokenizer"]["from"]
+            for m in tmp_path.glob("corpora/*/meta.json")] == ["this corpus"]
     # another cache, empty: a resumed run must not train its tokenizer again
     cache = tmp_path / "empty-cache"
     res = run_cli("gptlab-train", [f"resume={run.info.run_id}", "trainer.max_steps=30",
                                    f"data.cache_dir={cache}"], tmp_path, small_corpus)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert not (cache / "tokenizers").exists()
+    metas = [json.loads(m.read_text()) for m in cache.glob("corpora/*/meta.json")]
+    assert [m["tokenizer"]["from"] for m in metas] == ["the run's checkpoint"]
     client = MlflowClient(store_uri(tmp_path))
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/bpc")]
     assert steps == [10, 20, 30]
@@ -175,13 +178,3 @@ def test_score_windows_scores_every_token_but_the_first_once():
             assert positions[x.shape[1]:].min() >= block - stride  # after the first window
     with pytest.raises(GptlabError, match="stride"):
         score_windows(list(range(10)), 4, 5)
-
-
-def test_bpe_is_trained_once_per_split_and_size(tmp_path, monkeypatch):
-    text = "to be or not to be, that is the question " * 50
-    first = tokenizers.build("bpe", text, text[:1500], 270, tmp_path)
-    monkeypatch.setattr(tokenizers.BPETokenizer, "train",
-                        classmethod(lambda cls, *a: pytest.fail("trained again")))
-    again = tokenizers.build("bpe", text, text[:1500], 270, tmp_path)
-    assert again.spec == first.spec and again.vocab_size == 270
-    assert again.decode(again.encode("to be, or ✓")) == "to be, or ✓"

@@ -1,5 +1,6 @@
-"""The corpus, its tokenizer, the train/val split, random training blocks, and the fixed
-validation characters every run is scored on in bits per character."""
+"""The LightningDataModule: a corpus prepared into memory-mapped tokens (gptlab.prepared),
+random training blocks gathered from them, the fixed validation blocks, and the validation
+characters every run is scored on in bits per character."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from gptlab import corpus, prepared
 from gptlab import tokenizer as tokenizers
 from gptlab.errors import GptlabError
+from gptlab.prepared import Prepared, Tokens
 from gptlab.tokenizer import Tokenizer
 
 TINY_SHAKESPEARE_URL = (
@@ -28,20 +31,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptlab"
 
 
-def resolve_corpus(path: str | None, cache_dir: str | None = None) -> Path:
-    """The corpus file: `path`, else $GPTLAB_DATA, else Tiny Shakespeare downloaded once."""
+def resolve_corpus(path: str | None, cache_dir: str | None = None) -> str:
+    """The corpus: `path` (a file, folder or glob), else $GPTLAB_DATA, else Tiny
+    Shakespeare downloaded once."""
     if path:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise GptlabError(f"corpus file not found: {p} (check data.path)")
-        return p
+        return str(path)
     env = os.environ.get(DATA_ENV)
     if env:
         p = Path(env).expanduser()
-        if not p.is_file():
-            raise GptlabError(f"corpus file not found: {p} (set by ${DATA_ENV})")
-        return p
-    return download_tiny_shakespeare(Path(cache_dir) if cache_dir else default_cache_dir())
+        if not p.exists():
+            raise GptlabError(f"corpus not found: {p} (set by ${DATA_ENV})")
+        return str(p)
+    return str(download_tiny_shakespeare(Path(cache_dir) if cache_dir else default_cache_dir()))
 
 
 def _sha256(path: Path) -> str:
@@ -70,24 +71,17 @@ def download_tiny_shakespeare(cache_dir: Path) -> Path:
     return target
 
 
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GptlabError(
-            f"corpus is not UTF-8 text: {path} ({e.reason} at byte {e.start})"
-        ) from None
-    except OSError as e:
-        raise GptlabError(f"cannot read the corpus {path}: {e.strerror}") from None
-
-
 def get_batch(
-    data: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator
+    data: Tokens | torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch_size` random blocks and their targets (inputs shifted by one), in one gather."""
+    """`batch_size` random blocks and their targets (inputs shifted by one), in one gather
+    (from the memory-mapped token files: only the pages the blocks touch are read)."""
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     offsets = ix[:, None] + torch.arange(block_size + 1)  # (B, T+1)
-    chunk = data[offsets].long()  # (B, T+1)
+    if isinstance(data, Tokens):
+        chunk = torch.from_numpy(data.take(offsets.numpy()))  # (B, T+1) int64
+    else:
+        chunk = data[offsets].long()
     return chunk[:, :-1], chunk[:, 1:]
 
 
@@ -100,7 +94,7 @@ class RandomBlocks(IterableDataset):
     exactly the batches an uninterrupted run would, whatever the loader prefetched.
     """
 
-    def __init__(self, data: torch.Tensor, block_size: int, batch_size: int, seed: int):
+    def __init__(self, data: Tokens, block_size: int, batch_size: int, seed: int):
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
         self.seed = seed
         self.start = 0  # index of the next batch to draw: the global step on resume
@@ -153,13 +147,18 @@ def score_windows(ids: list[int], block_size: int, stride: int
 
 
 class CharDataModule(pl.LightningDataModule):
-    """A text corpus: tokenizer (characters, or a byte-level BPE trained on the training
-    split), unshuffled train/val split by characters, random blocks.
+    """A corpus (gptlab.corpus: a text file, a folder or glob, JSON Lines, Parquet, a Hugging
+    Face dataset), tokenized once into memory-mapped token files (gptlab.prepared) that every
+    run on it shares, and random blocks drawn from them.
+
+    A single text file is one document split by characters (the first `train_frac` of them
+    train); a corpus of many documents is split by documents, by a hash of each document's
+    name, with `val_docs` documents (or 1 - `train_frac` of them) validating.
 
     The validation set is a fixed draw of `eval_iters * batch_size` blocks from a generator
     seeded by `val_seed` alone, so it is the same at every evaluation and in every run with
     the same data config. Bits per character are scored over the first `bpc_chars` characters
-    of the validation split, the same characters whatever the tokenizer.
+    of the validation text, the same characters whatever the tokenizer.
     """
 
     def __init__(
@@ -176,75 +175,106 @@ class CharDataModule(pl.LightningDataModule):
         tokenizer: str = "char",
         vocab_size: int | None = None,
         bpc_chars: int | None = 32768,
+        text_field: str = "text",
+        val_docs: int | None = None,
+        tokenizer_sample_chars: int = 20_000_000,
+        on_bad_document: str = "error",
+        hf_dataset: str | None = None,
+        hf_config: str | None = None,
+        hf_split: str = "train",
     ):
         super().__init__()
         if bpc_chars is not None and (not isinstance(bpc_chars, int) or bpc_chars < 2):
             raise GptlabError(f"data.bpc_chars must be a whole number >= 2 or null, got "
                               f"{bpc_chars!r}")
+        if tokenizer not in tokenizers.KINDS:
+            raise GptlabError(f"data.tokenizer must be one of {', '.join(tokenizers.KINDS)}, "
+                              f"not {tokenizer!r}")
+        if tokenizer == "bpe":
+            tokenizers.check_bpe_size(vocab_size)
         self.tokenizer_kind, self.requested_vocab_size = tokenizer, vocab_size
         self.bpc_chars_wanted = bpc_chars
         for name, value in (("block_size", block_size), ("batch_size", batch_size),
-                            ("eval_iters", eval_iters)):
+                            ("eval_iters", eval_iters),
+                            ("tokenizer_sample_chars", tokenizer_sample_chars)):
             if value <= 0:
                 raise GptlabError(f"data.{name} must be positive, got {value}")
         if not 0.0 < train_frac < 1.0:
             raise GptlabError(f"data.train_frac must be between 0 and 1, got {train_frac}")
+        if val_docs is not None and (not isinstance(val_docs, int) or val_docs < 1):
+            raise GptlabError(f"data.val_docs must be a whole number >= 1 or null, got "
+                              f"{val_docs!r}")
         self.path, self.cache_dir = path, cache_dir
+        self.source_options = {"text_field": text_field, "on_bad_document": on_bad_document,
+                               "hf_dataset": hf_dataset, "hf_config": hf_config,
+                               "hf_split": hf_split}
+        self.recipe = prepared.Recipe(tokenizer, vocab_size, tokenizer_sample_chars,
+                                      train_frac, val_docs)
         self.block_size, self.batch_size = block_size, batch_size
         self.train_frac, self.eval_iters = train_frac, eval_iters
         # pinned host memory makes host-to-GPU copies asynchronous; null: when a GPU is there
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed, self.val_seed = seed, val_seed
-        self.corpus_path: Path | None = None
-        self.corpus_sha256 = ""
+        self.source: corpus.Source | None = None
+        self.prepared: Prepared | None = None
         self.tokenizer: Tokenizer | None = None
         self.given_tokenizer: Tokenizer | None = None  # a resumed run's, from its checkpoint
-        self.train_data: torch.Tensor | None = None
-        self.val_data: torch.Tensor | None = None
+        self.train_data: Tokens | None = None
+        self.val_data: Tokens | None = None
         self.bpc_ids: list[int] = []  # the validation characters scored in bits per char
         self.bpc_chars = 0  # how many characters those are (the first token's aside)
         self._train_blocks: RandomBlocks | None = None
 
+    def open_source(self) -> corpus.Source:
+        opts = self.source_options
+        path = None if opts["hf_dataset"] else resolve_corpus(self.path, self.cache_dir)
+        return corpus.open_source(path, **opts)
+
     def prepare_data(self) -> None:
-        resolve_corpus(self.path, self.cache_dir)
+        self.prepare()
+
+    def prepare(self) -> Prepared:
+        """The corpus's prepared tokens, made now if no run made them before."""
+        if self.prepared is None:
+            self.source = self.open_source()
+            cache = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+            self.prepared = prepared.prepare(self.source, self.recipe, cache,
+                                             self.given_tokenizer)
+        return self.prepared
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
-        self.corpus_path = resolve_corpus(self.path, self.cache_dir)
-        text = read_text(self.corpus_path)
-        if not text:
-            raise GptlabError(f"corpus is empty: {self.corpus_path}")
-        self.corpus_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        n = int(self.train_frac * len(text))
-        train_text, val_text = text[:n], text[n:]
-        cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
-        self.tokenizer = self.given_tokenizer or tokenizers.build(
-            self.tokenizer_kind, text, train_text, self.requested_vocab_size, cache)
-        # uint8 would not hold large vocabularies; int16 or int32 keeps the gather cheap
-        dtype = torch.int16 if self.tokenizer.vocab_size < 2**15 else torch.int32
-        self.train_data = torch.tensor(self.tokenizer.encode(train_text), dtype=dtype)
-        self.val_data = torch.tensor(self.tokenizer.encode(val_text), dtype=dtype)
+        prep = self.prepare()
+        self.tokenizer = prep.tokenizer
+        self.train_data, self.val_data = prep.train, prep.val
         unit = "characters" if self.tokenizer.kind == "char" else "tokens"
         for split, part in (("train", self.train_data), ("validation", self.val_data)):
             if len(part) < self.block_size + 1:
                 raise GptlabError(
-                    f"the {split} split of {self.corpus_path} has {len(part)} {unit}, "
+                    f"the {split} split of {self.source.describe()} has {len(part)} {unit}, "
                     f"fewer than data.block_size + 1 = {self.block_size + 1}"
                 )
-        scored = val_text[:self.bpc_chars_wanted] if self.bpc_chars_wanted else val_text
+        scored = prep.val_text(self.bpc_chars_wanted)
         self.bpc_ids = self.tokenizer.encode(scored)
-        # the first token is context only: its characters are not scored
-        self.bpc_chars = len(scored) - len(self.tokenizer.decode(self.bpc_ids[:1]))
+        # the first token is context only, and the documents' separators are no characters
+        # of theirs: neither counts
+        sep = prep.meta.get("end_of_text") or ""
+        self.bpc_chars = (len(scored) - len(self.tokenizer.decode(self.bpc_ids[:1]))
+                          - (scored[1:].count(sep) * len(sep) if sep else 0))
         self._train_blocks = RandomBlocks(
             self.train_data, self.block_size, self.batch_size, self.seed
         )
 
     @property
+    def corpus_sha256(self) -> str:
+        return self.prepared.digest if self.prepared else ""
+
+    @property
     def corpus_name(self) -> str:
         if self.corpus_sha256 == TINY_SHAKESPEARE_SHA256:
             return "tinyshakespeare"
-        return self.corpus_path.stem if self.corpus_path else "corpus"
+        return self.source.name if self.source else "corpus"
 
     @property
     def vocab_size(self) -> int:

@@ -7,18 +7,19 @@ kind) and logged with the run, so sampling, resuming and evaluating never rebuil
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from gptlab import store
 from gptlab.errors import GptlabError
 
 KINDS = ("char", "bpe")
 BYTE_ALPHABET = 256  # a byte-level BPE starts from every byte
+# what separates the documents of a corpus: a special token of a BPE; for characters, a
+# control character the corpus lacks (appended to the sorted characters, so out of order)
+EOT_TEXT = "<|endoftext|>"
+EOT_CHARS = [chr(c) for c in (3, *range(1, 3), *range(4, 9), *range(14, 32))]
 
 
 class Tokenizer(Protocol):
@@ -44,10 +45,22 @@ class CharTokenizer:
     def __init__(self, chars: str | list[str]):
         self.chars = "".join(chars)
         self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        # the end-of-text character: the last one, where it breaks the sorted order
+        last = self.chars[-2:]
+        self.eot_char = last[1] if len(last) == 2 and last[1] < last[0] else None
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
         return cls(sorted(set(text)))
+
+    @classmethod
+    def with_end_of_text(cls, chars: str) -> CharTokenizer:
+        """The sorted characters `chars` and an end-of-text character they lack."""
+        free = [c for c in EOT_CHARS if c not in chars and c < chars[-1]]
+        if not free:
+            raise GptlabError("the corpus uses every control character: no character is "
+                              "left to mark the end of a document")
+        return cls(chars + free[0])
 
     @property
     def vocab_size(self) -> int:
@@ -85,7 +98,10 @@ class BPETokenizer:
         self.tokenizer = tokenizer
 
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+    def train(cls, texts: list[str], vocab_size: int, end_of_text: bool = False
+              ) -> BPETokenizer:
+        """Trained on `texts` (documents, or one text whole), with the end-of-text special
+        token where documents need separating."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -93,8 +109,8 @@ class BPETokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      special_tokens=[])
-        tok.train_from_iterator([text], trainer=trainer)
+                                      special_tokens=[EOT_TEXT] if end_of_text else [])
+        tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
     @property
@@ -142,36 +158,37 @@ def from_checkpoint(info: dict) -> Tokenizer:
     return tok
 
 
-def build(kind: str, text: str, train_text: str, vocab_size: int | None,
-          cache_dir: Path) -> Tokenizer:
-    """The tokenizer of a corpus: its characters, or a BPE trained on the training split
-    (cached by the split's checksum and the vocabulary size: training it again gives the
-    same merges, but takes seconds)."""
-    if kind == "char":
-        return CharTokenizer.from_text(text)
-    if kind != "bpe":
-        raise GptlabError(f"data.tokenizer must be one of {', '.join(KINDS)}, not {kind!r}")
+def check_bpe_size(vocab_size: object) -> None:
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
         raise GptlabError(f"data.tokenizer=bpe needs data.vocab_size, a whole number "
                           f"(e.g. 512), not {vocab_size!r}")
     if vocab_size < BYTE_ALPHABET:
         raise GptlabError(f"data.vocab_size={vocab_size} is smaller than the byte alphabet a "
                           f"byte-level BPE starts from ({BYTE_ALPHABET})")
-    digest = hashlib.sha256(train_text.encode("utf-8")).hexdigest()[:16]
-    path = cache_dir / "tokenizers" / f"bpe-{digest}-{vocab_size}.json"
-    if path.is_file():
-        try:
-            tok = from_spec("bpe", path.read_text(encoding="utf-8"))
-            if tok.vocab_size == vocab_size:
-                return tok
-        except GptlabError:
-            pass  # a damaged cache entry: train again
-    tok = BPETokenizer.train(train_text, vocab_size)
+
+
+def train_bpe(texts: list[str], vocab_size: int, end_of_text: bool = False) -> BPETokenizer:
+    """A BPE of exactly `vocab_size` tokens trained on `texts`."""
+    check_bpe_size(vocab_size)
+    tok = BPETokenizer.train(texts, vocab_size, end_of_text)
     if tok.vocab_size < vocab_size:
         raise GptlabError(f"data.vocab_size={vocab_size} is more than the training split "
                           f"supports: its merges end at {tok.vocab_size} tokens")
-    store.write_atomic(path, tok.spec)  # processes may train it at once
     return tok
+
+
+def end_of_text_id(tok: Tokenizer) -> int | None:
+    """The id of the token that ends a document, where the tokenizer has one."""
+    if tok.kind == "char":
+        return tok.stoi[tok.eot_char] if tok.eot_char else None
+    return tok.tokenizer.token_to_id(EOT_TEXT)
+
+
+def end_of_text_text(tok: Tokenizer) -> str:
+    """What the end-of-text token reads as ("" where there is none)."""
+    if end_of_text_id(tok) is None:
+        return ""
+    return tok.eot_char if tok.kind == "char" else EOT_TEXT
 
 
 def describe(tok: Tokenizer) -> dict:

@@ -187,15 +187,12 @@ def open_run(s: Session, job: Job, record: RunRecord) -> None:
 
 
 def dataset_of(dm: CharDataModule) -> Dataset:
-    """The corpus as MLflow shows a run's dataset: name, checksum, where it is, its sizes."""
-    unit = "characters" if dm.tokenizer.kind == "char" else "tokens"
-    profile = {unit: len(dm.train_data) + len(dm.val_data),
-               f"train_{unit}": len(dm.train_data), f"val_{unit}": len(dm.val_data),
-               "tokenizer": dm.tokenizer.kind, "vocab_size": dm.vocab_size,
-               "sha256": dm.corpus_sha256}
-    return Dataset(name=dm.corpus_name, digest=dm.corpus_sha256[:16], source_type="local",
-                   source=json.dumps({"uri": str(dm.corpus_path)}),
-                   profile=json.dumps(profile))
+    """The prepared corpus as MLflow shows a run's dataset: its name, the prepared folder's
+    key (the same for every run on the same tokens), where the corpus is, its sizes."""
+    prep = dm.prepared
+    return Dataset(name=dm.corpus_name, digest=prep.folder.name.rsplit("-", 1)[-1],
+                   source_type="local", source=json.dumps({"uri": prep.meta["source"]}),
+                   profile=json.dumps({**prep.profile(), "sha256": dm.corpus_sha256}))
 
 
 def fit(s: Session) -> None:
