@@ -25,6 +25,9 @@ BIN = Path(sys.executable).parent
 # prepared corpora of the suite's runs, in-process and in subprocesses, shared by the suite
 # and kept out of the user's own cache
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gptlab-test-cache-")
+# the suite never reaches the Hugging Face hub (tests read local files): a dataset that is
+# not there fails at once instead of after a minute of retries
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def find_corpus() -> Path | None:

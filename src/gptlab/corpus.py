@@ -149,10 +149,11 @@ def first_bad_byte(path: Path) -> tuple[int, str]:
             except UnicodeDecodeError as e:
                 return offset + e.start, e.reason
             offset += len(block)
+    pending = len(decoder.getstate()[0])  # the bytes of a character the file cuts short
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
-        return offset + e.start, e.reason
+        return offset - pending + e.start, e.reason
     return offset, "unknown"
 
 

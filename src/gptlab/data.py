@@ -256,15 +256,26 @@ class CharDataModule(pl.LightningDataModule):
                     f"fewer than data.block_size + 1 = {self.block_size + 1}"
                 )
         scored = prep.val_text(self.bpc_chars_wanted)
-        self.bpc_ids = self.tokenizer.encode(scored)
+        self.bpc_ids = self.bpc_tokens(scored, prep.meta.get("end_of_text") or "", prep.eot)
         # the first token is context only, and the documents' separators are no characters
         # of theirs: neither counts
         sep = prep.meta.get("end_of_text") or ""
         self.bpc_chars = (len(scored) - len(self.tokenizer.decode(self.bpc_ids[:1]))
-                          - (scored[1:].count(sep) * len(sep) if sep else 0))
+                          - (scored.count(sep) * len(sep) if sep else 0))
         self._train_blocks = RandomBlocks(
             self.train_data, self.block_size, self.batch_size, self.seed
         )
+
+    def bpc_tokens(self, text: str, separator: str, eot: int | None) -> list[int]:
+        """The validation text's tokens as training saw its documents: each document's text
+        encoded, the separators between them the end-of-text token. (A validation document
+        that quotes a BPE's separator text, "<|endoftext|>", is scored as two.)"""
+        if not separator:
+            return self.tokenizer.encode(text)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(separator)):
+            ids += ([eot] if i else []) + self.tokenizer.encode(part)
+        return ids
 
     @property
     def corpus_sha256(self) -> str:

@@ -81,9 +81,9 @@ class ShardWriter:
     """One split's tokens, appended to shards of at most `shard_tokens` tokens."""
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype,
-                 shard_tokens: int = SHARD_TOKENS):
+                 shard_tokens: int | None = None):
         self.folder, self.split, self.dtype = folder, split, dtype
-        self.shard_tokens = shard_tokens
+        self.shard_tokens = shard_tokens or SHARD_TOKENS
         self.shards: list[dict] = []
         self._file = None
         self._count = self._crc = 0

@@ -95,6 +95,9 @@ class BPETokenizer:
     kind = "bpe"
 
     def __init__(self, tokenizer):  # a tokenizers.Tokenizer
+        # a document's text is only text: one that quotes "<|endoftext|>" (a tokenizer's
+        # source code) does not end there; only the documents' separators are that token
+        tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
 
     @classmethod
@@ -127,7 +130,7 @@ class BPETokenizer:
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def from_spec(kind: str, spec: str) -> Tokenizer:
