@@ -18,6 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_GPT, one_line_error, only_run, store_uri
+from gptlab import prepare as prepare_cli
 from gptlab import prepared
 from gptlab import train as train_cli
 from gptlab.corpus import open_source
@@ -234,13 +235,21 @@ def test_a_bpe_on_documents_learns_from_a_bounded_sample_and_separates_them(fold
 
 # ---- runs on a corpus ---------------------------------------------------------------------
 
-def test_runs_on_a_folder_train_on_one_prepared_corpus_shown_as_one_dataset(
-        in_process, capsys, folder, tmp_path):
-    args = [*TINY_GPT, f"data.path={folder}", "data.val_docs=4", "data.tokenizer=bpe",
+def test_gptlab_prepare_makes_what_runs_then_share_and_show_as_one_dataset(
+        in_process, capsys, folder, tmp_path, monkeypatch):
+    keys = [f"data.path={folder}", "data.val_docs=4", "data.tokenizer=bpe",
             "data.vocab_size=300", f"data.cache_dir={tmp_path / 'cache'}"]
+    code, out, err = in_process(prepare_cli.main, [*keys, "--verify"], capsys)
+    assert code == 0, err[-3000:]
+    assert "every token file matches its checksum" in out
+    (row,) = [line.split() for line in out.splitlines() if line.split()[:1] == ["documents"]]
+    assert row[1:] == [str(N_DOCS - 4), "4"]
+    # the runs read the prepared files, never the corpus
+    monkeypatch.setattr("gptlab.corpus.Source.documents", lambda self: pytest.fail("read"))
     for name in ("first", "second"):
         code, out, err = in_process(train_cli.main,
-                                    [*args, f"logger.experiment_name={name}"], capsys)
+                                    [*TINY_GPT, *keys, f"logger.experiment_name={name}"],
+                                    capsys)
         assert code == 0, err[-3000:]
     client = MlflowClient(store_uri(tmp_path))
     inputs = [only_run(client, name).inputs.dataset_inputs[0].dataset

@@ -508,7 +508,7 @@ def _make(source: Source, recipe: Recipe, rule: list, root: Path,
     tmp.mkdir(parents=True)
     try:
         meta = _encode(source, recipe, scan, tok, eot, tmp, given is not None)
-        meta["seconds"] = round(time.monotonic() - t0, 1)
+        meta["seconds"] = round(time.monotonic() - t0, 2)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         try:
             tmp.rename(folder)
@@ -521,10 +521,9 @@ def _make(source: Source, recipe: Recipe, rule: list, root: Path,
         shutil.rmtree(tmp, ignore_errors=True)
     prep = open_folder(folder)
     m = prep.meta
-    log.info(f"gptlab: prepared {m['documents']['train'] + m['documents']['val']:,} "
-             f"documents, {scan.characters:,} characters into "
-             f"{m['tokens']['train']:,} train / {m['tokens']['val']:,} val tokens in "
-             f"{m['seconds']:.1f} s: {folder}"
+    log.info(f"gptlab: prepared {scan.documents:,} document{'s' * (scan.documents > 1)}, "
+             f"{scan.characters:,} characters into {m['tokens']['train']:,} train / "
+             f"{m['tokens']['val']:,} val tokens in {m['seconds']:.2f} s: {folder}"
              + (f" ({len(source.skipped)} bad documents skipped)" if source.skipped else ""))
     return prep
 
