@@ -127,7 +127,7 @@ def test_bad_training_input_is_one_line_and_records_nothing(in_process, capsys, 
 @pytest.mark.parametrize("content, words", [
     (b"\xff\xfe not utf-8 \xff", "not UTF-8"),
     (b"", "empty"),
-    (None, "not found"),  # a folder, not a file
+    (None, "no files in the corpus"),  # an empty folder
 ])
 def test_unusable_corpus(in_process, capsys, tmp_path, content, words):
     corpus = tmp_path / "corpus"

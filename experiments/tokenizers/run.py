@@ -24,75 +24,102 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from mlflow.tracking import MlflowClient
 
 from gptlab import comparison, store
-from gptlab.data import CharDataModule
 
-HERE = Path(__file__).resolve().parent
-EXPERIMENT = "tokenizers"
-TOKENIZERS = {"char": [], "bpe512": ["data.tokenizer=bpe", "data.vocab_size=512"],
-              "bpe2048": ["data.tokenizer=bpe", "data.vocab_size=2048"]}
 BASE_STEPS = 2000  # the char recipe's; --base-steps to spend less time
 
 
-def gptlab_train(args: list[str]) -> None:
+@dataclass
+class Study:
+    """Tokenizers compared at equal training time on one corpus (the code-corpus study
+    runs this one on another corpus)."""
+
+    experiment: str = "tokenizers"
+    tokenizers: dict[str, list[str]] = field(default_factory=lambda: {
+        "char": [], "bpe512": ["data.tokenizer=bpe", "data.vocab_size=512"],
+        "bpe2048": ["data.tokenizer=bpe", "data.vocab_size=2048"]})
+    data: list[str] = field(default_factory=list)  # the corpus's data.* overrides
+    out: Path = Path(__file__).resolve().parent  # results, plot and samples go here
+    command: str = "python experiments/tokenizers/run.py"
+
+
+def gptlab_train(study: Study, args: list[str]) -> None:
     subprocess.run([str(Path(sys.executable).parent / "gptlab-train"),
-                    "experiment=shakespeare_char_cpu", *args], check=True,
+                    "experiment=shakespeare_char_cpu", *study.data, *args], check=True,
                    stdout=subprocess.DEVNULL)
 
 
-def ms_per_step(client: MlflowClient, name: str, overrides: list[str], steps: int) -> float:
+def ms_per_step(study: Study, client: MlflowClient, name: str, overrides: list[str],
+                steps: int) -> float:
     """Median training ms/step of a short run (logged tokens/s over every 10 steps)."""
-    gptlab_train([*overrides, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-                  "logger.experiment_name=tokenizers_timing", f"logger.run_name={name}",
-                  "logger.log_model=false", "trainer.enable_progress_bar=false"])
-    run = client.search_runs([store.experiment_id(client, "tokenizers_timing")],
+    timing = f"{study.experiment}_timing"
+    gptlab_train(study, [*overrides, f"trainer.max_steps={steps}",
+                         f"trainer.val_check_interval={steps}",
+                         f"logger.experiment_name={timing}", f"logger.run_name={name}",
+                         "logger.log_model=false", "trainer.enable_progress_bar=false"])
+    run = client.search_runs([store.experiment_id(client, timing)],
                              f"attributes.run_name = '{name}'", max_results=1)[0]
     speeds = [m.value for m in client.get_metric_history(run.info.run_id, "tokens_per_sec")]
     return 1000 * 12 * 64 / statistics.median(speeds[2:])  # past the first interval's warm-up
 
 
-def chars_per_token(overrides: list[str]) -> float:
-    """Characters a token of this tokenizer spells on the training split."""
-    kv = dict(o.split("=", 1) for o in overrides)
-    dm = CharDataModule(tokenizer=kv.get("data.tokenizer", "char"),
-                        vocab_size=int(kv["data.vocab_size"]) if "data.vocab_size" in kv
-                        else None)
+def data_module(study: Study, overrides: list[str]):  # noqa: ANN201 - a CharDataModule
+    """The data module a run of the study sets up (its corpus already prepared)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from gptlab import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=shakespeare_char_cpu", *study.data,
+                                          *overrides])
+    dm = instantiate(cfg.data)
     dm.setup()
-    text_chars = len(dm.tokenizer.decode(dm.train_data[:200_000].tolist()))
-    return text_chars / min(200_000, len(dm.train_data))
+    return dm
 
 
-def plan(client: MlflowClient, timing_steps: int, base_steps: int,
+def chars_per_token(study: Study, overrides: list[str]) -> float:
+    """Characters a token of this tokenizer spells on the training split (its end-of-text
+    tokens aside)."""
+    dm = data_module(study, overrides)
+    ids = [i for i in dm.train_data.head(200_000).tolist() if i != dm.prepared.eot]
+    return len(dm.tokenizer.decode(ids)) / len(ids)
+
+
+def plan(study: Study, client: MlflowClient, timing_steps: int, base_steps: int,
          timed: dict[str, dict] | None = None) -> dict[str, dict]:
     """Each tokenizer's speed (timed now, or as `timed` says) and its steps."""
     out = timed or {}
-    for name, overrides in TOKENIZERS.items():
+    for name, overrides in study.tokenizers.items():
         if name not in out:
-            out[name] = {"ms_per_step": ms_per_step(client, name, overrides, timing_steps),
-                         "chars_per_token": chars_per_token(overrides)}
+            out[name] = {"ms_per_step": ms_per_step(study, client, name, overrides,
+                                                    timing_steps),
+                         "chars_per_token": chars_per_token(study, overrides)}
     base = out["char"]["ms_per_step"] * base_steps
     for p in out.values():
         p["steps"] = int(round(base / p["ms_per_step"], -1))
     return out
 
 
-def train(settings: dict[str, dict], seeds: list[int]) -> None:
-    for name, overrides in TOKENIZERS.items():
+def train(study: Study, settings: dict[str, dict], seeds: list[int]) -> None:
+    for name, overrides in study.tokenizers.items():
         steps = settings[name]["steps"]
         for seed in seeds:
-            gptlab_train([*overrides, f"seed={seed}", f"trainer.max_steps={steps}",
-                          f"trainer.val_check_interval={max(10, steps // 8)}",
-                          f"logger.experiment_name={EXPERIMENT}", f"logger.run_name={name}",
-                          "trainer.enable_progress_bar=false"])
+            gptlab_train(study, [*overrides, f"seed={seed}", f"trainer.max_steps={steps}",
+                                 f"trainer.val_check_interval={max(10, steps // 8)}",
+                                 f"logger.experiment_name={study.experiment}",
+                                 f"logger.run_name={name}", "trainer.enable_progress_bar=false"])
 
 
-def collect(client: MlflowClient, settings: dict[str, dict]) -> tuple[list, list]:
-    runs = [r for r in client.search_runs([store.experiment_id(client, EXPERIMENT)],
+def collect(study: Study, client: MlflowClient, settings: dict[str, dict]
+            ) -> tuple[list, list]:
+    runs = [r for r in client.search_runs([store.experiment_id(client, study.experiment)],
                                           "attributes.status = 'FINISHED'", max_results=500)]
     rows = [comparison.summarize(client, r, []) for r in runs]
     for row, run in zip(rows, runs, strict=True):
@@ -114,11 +141,11 @@ def collect(client: MlflowClient, settings: dict[str, dict]) -> tuple[list, list
     return rows, groups
 
 
-def table(groups: list[dict], settings: dict[str, dict]) -> str:
+def table(study: Study, groups: list[dict], settings: dict[str, dict]) -> str:
     lines = ["| tokenizer | chars/token | block covers (chars) | steps | runs | "
              "val bpc (mean +- std) | vs char | p (Welch) | tokens/s | chars/s | ms/step |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for g in sorted(groups, key=lambda g: list(TOKENIZERS).index(g["tokenizer"])):
+    for g in sorted(groups, key=lambda g: list(study.tokenizers).index(g["tokenizer"])):
         s = settings[g["tokenizer"]]
         p = g["p (Welch)"]
         lines.append(
@@ -131,9 +158,9 @@ def table(groups: list[dict], settings: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def samples(client: MlflowClient, groups: list[dict], scratch: Path) -> str:
+def samples(study: Study, client: MlflowClient, groups: list[dict], scratch: Path) -> str:
     out = ["# Samples: the final sample of each tokenizer's best run\n"]
-    for g in sorted(groups, key=lambda g: list(TOKENIZERS).index(g["tokenizer"])):
+    for g in sorted(groups, key=lambda g: list(study.tokenizers).index(g["tokenizer"])):
         run = g["best_run"]
         text = Path(client.download_artifacts(run.info.run_id, "samples/final.txt",
                                               str(scratch))).read_text()
@@ -143,7 +170,8 @@ def samples(client: MlflowClient, groups: list[dict], scratch: Path) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, study: Study | None = None) -> None:
+    study = study or Study()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--timing-steps", type=int, default=200)
@@ -161,32 +189,32 @@ def main(argv: list[str] | None = None) -> None:
     uri = store.resolve_tracking_uri(args.tracking_uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     client = store.connect(uri)
-    settings_file = HERE / "settings.json"
+    settings_file = study.out / "settings.json"
     start = time.time()
     if args.report_only:
         settings = json.loads(settings_file.read_text())
     else:
         timed = json.loads(settings_file.read_text()) if args.reuse_timing else None
-        settings = plan(client, args.timing_steps, args.base_steps, timed)
+        settings = plan(study, client, args.timing_steps, args.base_steps, timed)
         settings_file.write_text(json.dumps(settings, indent=2) + "\n")
-        train(settings, args.seeds)
-    rows, groups = collect(client, settings)
+        train(study, settings, args.seeds)
+    rows, groups = collect(study, client, settings)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    text = (f"`python experiments/tokenizers/run.py` (experiment `{EXPERIMENT}`), "
+    text = (f"`{study.command}` (experiment `{study.experiment}`), "
             f"{machine}, one run at a time with {args.threads or 2} thread(s)"
             + ("" if args.report_only else f", {(time.time() - start) / 60:.0f} min in all")
-            + f"\n\n{table(groups, settings)}\n\n* p < 0.05. Steps: as many as the char "
+            + f"\n\n{table(study, groups, settings)}\n\n* p < 0.05. Steps: as many as the char "
             f"run's {settings['char']['steps']} take, from each tokenizer's ms/step in a "
             f"{args.timing_steps}-step timing run (tokens/s, chars/s and ms/step are that "
             f"run's; chars/token on the training split).\n")
-    (HERE / "results.md").write_text(text)
-    (HERE / "results.json").write_text(json.dumps(
+    (study.out / "results.md").write_text(text)
+    (study.out / "results.json").write_text(json.dumps(
         [{k: v for k, v in g.items() if not k.startswith("_") and k != "best_run"}
          for g in groups], indent=2, default=str) + "\n")
     comparison.plot(rows, "val/bpc by tokenizer at equal training time (band: one std)",
-                    str(HERE / "val_bpc.png"), groups, metric="val/bpc")
+                    str(study.out / "val_bpc.png"), groups, metric="val/bpc")
     with store.scratch() as scratch:
-        (HERE / "samples.md").write_text(samples(client, groups, scratch))
+        (study.out / "samples.md").write_text(samples(study, client, groups, scratch))
     print(text)
 
 
