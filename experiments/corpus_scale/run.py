@@ -60,16 +60,54 @@ def corpus_of(size_mb: int, source: Path, work: Path) -> Path:
     return path
 
 
+def own_memory_mb(pid: int) -> float:
+    """The anonymous (the process's own, not the page cache's) resident memory of a process
+    and its children."""
+    import psutil
+
+    total = 0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("RssAnon"))
+        except (OSError, StopIteration):
+            pass
+    return total / 1000
+
+
 def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall time and peak resident memory of a command, by /usr/bin/time -v."""
+    """Wall time and peak resident memory of a command (/usr/bin/time -v: all its resident
+    pages, the page cache's it maps included), and its peak own memory (sampled every 0.1 s
+    from /proc: anonymous pages only)."""
     t0 = time.perf_counter()
-    res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    with open(os.devnull, "rb") as stdin:
+        proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdin=stdin, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    import threading
+
+    peak_own = 0.0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_own
+        while not done.wait(0.1):
+            peak_own = max(peak_own, own_memory_mb(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    done.set()
+    sampler.join()
     wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
-    return {"seconds": wall, "peak_mb": rss_kb / 1000, "stdout": res.stdout,
-            "stderr": res.stderr}
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
+    return {"seconds": wall, "peak_mb": rss_kb / 1000, "own_peak_mb": peak_own,
+            "stdout": stdout, "stderr": stderr}
 
 
 # ---- the bare libraries -------------------------------------------------------------------
@@ -161,10 +199,11 @@ def train_on(path: Path, name: str, cache: Path, steps: int) -> dict:
     client = store.connect()
     tps = [m.value for m in client.get_metric_history(run_id, "tokens_per_sec")][1:]
     return {"setup_s": float(setup.split()[-1]), "peak_mb": r["peak_mb"],
+            "own_peak_mb": r["own_peak_mb"],
             "ms_per_step": 1000 * 12 * 64 / statistics.median(tps), "run_id": run_id}
 
 
-def gather_us(cache: Path, batches: int = 2000) -> dict:
+def gather_us(cache: Path, tokenizer: str, batches: int = 2000) -> dict:
     """Microseconds per batch (12 blocks of 65 tokens) gathered from the memory-mapped
     tokens against the same tokens in memory, as a tensor, by the same `get_batch`."""
     import numpy as np
@@ -173,7 +212,8 @@ def gather_us(cache: Path, batches: int = 2000) -> dict:
     from gptlab import prepared
     from gptlab.data import get_batch
 
-    (folder,) = prepared.folders(cache)
+    (folder,) = [f for f in prepared.folders(cache) if json.loads(
+        (f / "meta.json").read_text())["tokenizer"]["kind"] == tokenizer.split()[0]]
     mapped = prepared.open_folder(folder).train
     in_memory = torch.from_numpy(np.concatenate([np.asarray(s) for s in mapped.shards])
                                  .astype(np.int32))
@@ -242,15 +282,17 @@ def table(results: dict, steps: int) -> list[str]:
                          f"{g['peak_mb']:,.0f} | {b['seconds']:.1f} | {b['mb_per_s']:.1f} | "
                          f"{b['peak_mb']:,.0f} | {r['ratio']:.2f}x |")
     lines += ["", f"## Training ({steps} steps, the CPU recipe's model)", "",
+              "Peak MB: all resident pages (/usr/bin/time), the page cache's that the memory "
+              "map touched included; own MB: anonymous pages only (sampled every 0.1 s).", "",
               "| corpus | tokenizer | data set-up of a later run, s | ms/step (median) | "
-              "peak MB | µs/batch memory-mapped | µs/batch in memory |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              "peak MB | own peak MB | µs/batch memory-mapped | µs/batch in memory |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for size, per in results["train"].items():
         for name, r in per.items():
             g = r["gather_us"]
             lines.append(f"| {size} | {name} | {r['setup_s']:.3f} | {r['ms_per_step']:.1f} | "
-                         f"{r['peak_mb']:,.0f} | {g['memory-mapped']:.0f} | "
-                         f"{g['in memory']:.0f} |")
+                         f"{r['peak_mb']:,.0f} | {r.get('own_peak_mb', 0):,.0f} | "
+                         f"{g['memory-mapped']:.0f} | {g['in memory']:.0f} |")
     if results.get("shared"):
         lines += ["", "## A fresh cache shared by many processes (100 MB or the largest "
                   "size below it)", "",
@@ -268,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus", type=Path, default=os.environ.get("GPTLAB_DATA"),
                     help="Tiny Shakespeare (default: $GPTLAB_DATA)")
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--train-only", action="store_true",
+                    help="keep the preparing figures of results.json (and the caches in "
+                         "--work); measure the training again")
     ap.add_argument("--bare", nargs=3, metavar=("KIND", "TEXT", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--setup", nargs=3, metavar=("KIND", "TEXT", "CACHE"),
                     help=argparse.SUPPRESS)
@@ -287,7 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"machine": machine(), "command": " ".join(["python", *sys.argv]),
                      "prepare": {}, "train": {}}
     paths = {size: corpus_of(size, Path(args.corpus), args.work) for size in args.sizes}
-    for i, (size, path) in enumerate(paths.items()):
+    if args.train_only:
+        earlier = json.loads((HERE / "results.json").read_text())
+        results["prepare"] = {int(k): v for k, v in earlier["prepare"].items()}
+        results["command"] = earlier["command"] + " (training: " + results["command"] + ")"
+    for i, (size, path) in enumerate(paths.items() if not args.train_only else []):
         results["prepare"][size] = {}
         for j, name in enumerate(TOKENIZERS):
             r = prepare_both(path, size, name, args.work, bare_first=(i + j) % 2 == 1)
@@ -295,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{size} MB {name}: gptlab {r['gptlab']['seconds']:.1f} s "
                   f"{r['gptlab']['peak_mb']:,.0f} MB, bare {r['bare']['seconds']:.1f} s "
                   f"{r['bare']['peak_mb']:,.0f} MB, ratio {r['ratio']:.2f}", flush=True)
+    (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     if not args.no_train:
         ts_cache = args.work / "cache-tinyshakespeare"
         for label, path in [("Tiny Shakespeare (1.1 MB)", Path(args.corpus))] + [
@@ -304,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
                 size = next((s for s, p in paths.items() if p == path), None)
                 cache = (Path(results["prepare"][size][name]["cache"]) if size else ts_cache)
                 r = train_on(path, name, cache, args.steps)
-                r["gather_us"] = gather_us(cache)
+                r["gather_us"] = gather_us(cache, name)
                 results["train"][label][name] = r
                 print(f"train {label} {name}: set-up {r['setup_s']:.3f} s, "
                       f"{r['ms_per_step']:.1f} ms/step, {r['peak_mb']:,.0f} MB", flush=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -132,7 +133,7 @@ class Damaged(Exception):
     """A token file that is not what its folder says it is."""
 
 
-def open_shard(path: Path, shard: dict, verify: bool = False) -> np.memmap:
+def open_shard(path: Path, shard: dict, verify: bool = False) -> np.ndarray:
     """A shard's tokens, memory-mapped read-only. Its header and size are checked always;
     its CRC where the file's size or modification time moved since it was written, or when
     asked."""
@@ -150,14 +151,21 @@ def open_shard(path: Path, shard: dict, verify: bool = False) -> np.memmap:
     dtype = np.dtype(np.uint16) if itemsize == 2 else np.dtype(np.uint32)
     if count == 0:
         return np.zeros(0, dtype)
-    data = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
     if verify or (st.st_size, st.st_mtime_ns) != (shard.get("size"), shard.get("mtime_ns")):
         got = 0
-        for i in range(0, count, 1 << 24):
-            got = zlib.crc32(data[i:i + (1 << 24)].tobytes(), got)
+        with open(path, "rb") as f:  # read, not through the map: see below
+            f.seek(HEADER_BYTES)
+            while block := f.read(1 << 24):
+                got = zlib.crc32(block, got)
         if got != crc or crc != shard["crc32"]:
             raise Damaged(f"{path.name} fails its checksum")
-    return data
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    # training reads a few blocks anywhere: a corpus not in the page cache is read from disk
+    # block by block, not with the kernel's read-ahead around each one. (The pages a run
+    # touches count in its resident memory as shared page cache, not as its own.)
+    mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=HEADER_BYTES)
 
 
 class Tokens:
