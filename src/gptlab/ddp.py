@@ -14,6 +14,14 @@ LOCAL_RANK) and launches nothing.
 Under SLURM (`srun`, or Hydra's submitit launcher with tasks_per_node=N) the ranks are SLURM's
 tasks and every task runs the job: the task with SLURM_PROCID 0 acts as rank 0 does here,
 the others wait for its plan in the job's output folder (on the cluster's shared disk).
+
+Under torchrun (TorchElastic's environment: RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+TORCHELASTIC_RUN_ID, ...) it is the same: every rank runs the job, rank 0 (RANK=0) opens the
+run and writes the plan, the others follow it. The ranks torchrun started win over the config:
+`trainer.devices` and `trainer.num_nodes` are taken from torchrun, and gptlab starts no ranks
+of its own. The job's output folder is named by torchrun's rendezvous id, so that the ranks,
+and their next start after an elastic restart, find the same plan; rank 0 finds the job's
+MLflow run again by that id (see `elastic_id`).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_fabric.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from gptlab import store
 from gptlab.console import log
@@ -43,7 +52,7 @@ from gptlab.errors import GptlabError
 PLAN = "ddp/plan.json"  # in the job's output folder
 RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK")
 READY_TIMEOUT = 300.0  # seconds for the other ranks to start (imports, data, model)
-PLAN_TIMEOUT = 600.0  # seconds a SLURM task waits for rank 0's plan
+PLAN_TIMEOUT = 600.0  # seconds a launched rank (torchrun, SLURM) waits for rank 0's plan
 
 
 def processes_per_node(trainer_cfg: DictConfig) -> int:
@@ -89,12 +98,77 @@ def check_devices(trainer_cfg: DictConfig) -> None:
                           "in this torch build (gloo runs on CPUs, nccl on NVIDIA GPUs)")
 
 
-def slurm_rank() -> int | None:
-    """This task's rank when SLURM started the training's processes (more than one task),
-    else None."""
+def torchrun() -> TorchElasticEnvironment | None:
+    """Lightning's view of the ranks when torchrun started this process, else None."""
+    return TorchElasticEnvironment() if TorchElasticEnvironment.detect() else None
+
+
+def launched_rank() -> int | None:
+    """This process's rank when a launcher started the training's processes (torchrun, or
+    SLURM's tasks), else None: gptlab starts the ranks itself. torchrun first, as Lightning
+    picks its environment (torchrun can run inside a SLURM allocation)."""
+    elastic = torchrun()
+    if elastic is not None:
+        return elastic.global_rank() if elastic.world_size() > 1 else None
     if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return int(os.environ["SLURM_PROCID"])
     return None
+
+
+def elastic_id() -> str | None:
+    """What names a torchrun job across its ranks, its nodes and its elastic restarts (None
+    outside torchrun): the rendezvous id, TORCHELASTIC_RUN_ID. The job's output folder is
+    named by it and its MLflow run tagged with it (ELASTIC_TAG), so that rank 0 of a restart
+    continues that run; the restarted ranks share nothing else with the start before (not
+    Hydra's time-named folder, not a process, not MASTER_PORT), and a tag in the store needs
+    no disk of its own. torchrun on one node draws a fresh uuid for it; left at torchrun's
+    "none" (a static rendezvous: --master_port, or --node_rank on several nodes) it names no
+    job: on one node torchrun's own process (the ranks' parent, alive across restarts) names
+    it instead, on several nodes --rdzv_id is asked for."""
+    if torchrun() is None:
+        return None
+    run_id = os.environ["TORCHELASTIC_RUN_ID"]
+    if run_id == "none":
+        if os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
+            raise GptlabError("torchrun on several nodes needs --rdzv_id=ID, one id for the "
+                              "job, the same on every node: gptlab names the job's folder and "
+                              "finds its run again after a restart by it")
+        run_id = f"{socket.gethostname()}-{os.getppid()}"
+    return re.sub(r"[^\w.-]", "_", run_id)  # a folder name and a Hydra override value
+
+
+def launched_overrides(argv: list[str]) -> list[str]:
+    """Hydra overrides for a process torchrun started: the job's output folder named by the
+    rendezvous id (Hydra's default is named by the second the process started in, which the
+    ranks need not share, and a restart would not). A sweep is refused: every rank would run
+    all of its jobs and open a sweep of its own."""
+    eid = elastic_id()
+    if eid is None:
+        return []
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise GptlabError("a sweep (-m) cannot run under torchrun: torchrun starts the ranks "
+                          "of one training; run each job of the sweep with torchrun")
+    if any(a.startswith("hydra.run.dir=") for a in argv):
+        return []
+    return [f"hydra.run.dir=outputs/torchrun/{eid}"]
+
+
+def use_launched_world(trainer_cfg: DictConfig) -> None:
+    """Under torchrun the world is the one torchrun started: `trainer.devices` becomes its
+    processes per node and `trainer.num_nodes` its nodes (what Lightning checks against
+    WORLD_SIZE), so that the logged config tells what ran."""
+    if torchrun() is None:
+        return
+    per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+    nodes = max(1, int(os.environ["WORLD_SIZE"]) // per_node)
+    asked = world_size(trainer_cfg)
+    if asked > 1 and asked != per_node * nodes:
+        log.info(f"gptlab: torchrun started {per_node * nodes} processes: they train, not "
+                 f"the {asked} that trainer.devices asks for")
+    with open_dict(trainer_cfg):
+        trainer_cfg.devices = per_node
+        if nodes != 1 or "num_nodes" in trainer_cfg:
+            trainer_cfg.num_nodes = nodes
 
 
 def free_port() -> int:
@@ -109,7 +183,7 @@ def rank_environment(world: int) -> Iterator[None]:
     put back afterwards: the next job of a sweep in this process gets a port of its own."""
     saved = {k: os.environ.get(k) for k in RANK_ENV}
     threads = torch.get_num_threads()
-    if slurm_rank() is None:
+    if launched_rank() is None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                           WORLD_SIZE=str(world), NODE_RANK="0", LOCAL_RANK="0", RANK="0")
         torch.set_num_threads(threads_per_rank(world))
@@ -137,7 +211,7 @@ class Plan:
     attempt: str = ""
 
     def write(self, path: Path) -> None:
-        # a waiting SLURM task never reads half a plan
+        # a waiting rank never reads half a plan
         store.write_atomic(path, json.dumps(self.__dict__, indent=1))
 
     @classmethod
@@ -146,8 +220,12 @@ class Plan:
 
 
 def attempt() -> str:
-    """Which start of the job this is: a requeued SLURM job runs again in the same output
-    folder, and its tasks must not read the plan of the start before."""
+    """Which start of the job this is: a requeued SLURM job, or torchrun's ranks after an
+    elastic restart, run again in the same output folder, and must not read the plan of the
+    start before."""
+    eid = elastic_id()
+    if eid is not None:
+        return f"{eid}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     job = os.environ.get("SLURM_JOB_ID")
     return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else ""
 
@@ -206,6 +284,8 @@ class Ranks:
     def check(self, grace: float = 0.0) -> None:
         """Raise the failure of a rank that ended with an error, waiting up to `grace`
         seconds for one to end."""
+        if not self.procs:  # a launcher's ranks: the launcher reports them
+            return
         deadline = time.monotonic() + grace
         while True:
             for rank, proc in self.procs.items():
@@ -258,10 +338,10 @@ def write_plan(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, world:
     """Rank 0's plan for the others, in a fresh `ddp/` folder of the job's output folder; a
     checkpoint to start from is copied beside it when other machines' tasks read it."""
     folder = output_dir / Path(PLAN).parent
-    if slurm_rank() is None:
+    if launched_rank() is None:
         shutil.rmtree(folder, ignore_errors=True)  # no rank started yet: nothing reads it
     folder.mkdir(parents=True, exist_ok=True)
-    if ckpt_path is not None and slurm_rank() is not None:
+    if ckpt_path is not None and launched_rank() is not None:
         shutil.copy(ckpt_path, folder / "resume.ckpt")
         ckpt_path = folder / "resume.ckpt"
     path = output_dir / PLAN
@@ -271,7 +351,8 @@ def write_plan(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, world:
 
 
 def wait_for_plan(path: Path, timeout: float = PLAN_TIMEOUT) -> Plan:
-    """A SLURM task of rank > 0: rank 0's plan for this start of the job, once written."""
+    """A launched rank > 0 (torchrun, SLURM): rank 0's plan for this start of the job, once
+    written."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(OSError, ValueError):
