@@ -36,11 +36,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -50,7 +52,8 @@ from gptlab.console import log
 from gptlab.errors import GptlabError
 
 PLAN = "ddp/plan.json"  # in the job's output folder
-RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK")
+RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK",
+            "TORCHELASTIC_USE_AGENT_STORE")
 READY_TIMEOUT = 300.0  # seconds for the other ranks to start (imports, data, model)
 PLAN_TIMEOUT = 600.0  # seconds a launched rank (torchrun, SLURM) waits for rank 0's plan
 
@@ -177,6 +180,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def own_store_environment(port: int) -> None:
+    """Under torchrun: the training's process group on a store of its own, which rank 0
+    serves on `port` (as without torchrun), not on the store torchrun shares with its ranks.
+    torch 2.13's torchrun keeps that store across an elastic restart, keys of the start
+    before included (pytorch#135712), and the restarted ranks' gloo read a dead rank's
+    address from it and fail or hang."""
+    os.environ.update(MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="False")
+
+
 @contextlib.contextmanager
 def rank_environment(world: int) -> Iterator[None]:
     """Rank 0's environment for the training (Lightning reads it when the trainer is built),
@@ -187,6 +199,8 @@ def rank_environment(world: int) -> Iterator[None]:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                           WORLD_SIZE=str(world), NODE_RANK="0", LOCAL_RANK="0", RANK="0")
         torch.set_num_threads(threads_per_rank(world))
+    elif torchrun() is not None:
+        own_store_environment(free_port())  # the others read the port in the plan
     try:
         yield
     finally:
@@ -209,6 +223,8 @@ class Plan:
     ckpt_path: str | None
     world_size: int
     attempt: str = ""
+    written: float = 0.0  # time.time() when rank 0 wrote it
+    master_port: int | None = None  # under torchrun, the process group's (own_store_environment)
 
     def write(self, path: Path) -> None:
         # a waiting rank never reads half a plan
@@ -220,14 +236,25 @@ class Plan:
 
 
 def attempt() -> str:
-    """Which start of the job this is: a requeued SLURM job, or torchrun's ranks after an
-    elastic restart, run again in the same output folder, and must not read the plan of the
-    start before."""
-    eid = elastic_id()
-    if eid is not None:
-        return f"{eid}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    """Which start of the job this is, as every rank names it: a requeued SLURM job runs
+    again in the same output folder, and its tasks must not read the plan of the start
+    before. torchrun gives no such name (each node counts its own restarts, pytorch#108158):
+    rank 0 draws one for its plan, and the others take the plan written after they started
+    (see `is_current`)."""
+    if torchrun() is not None:
+        return uuid.uuid4().hex[:12]
     job = os.environ.get("SLURM_JOB_ID")
     return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else ""
+
+
+def is_current(plan: Plan) -> bool:
+    """Whether a launched rank > 0 may follow `plan`: rank 0's plan of this start of the job.
+    Under torchrun, every process of a start is created after every process of the start
+    before has ended (torchrun stops all ranks, on every node, before it starts them again),
+    and rank 0 writes its plan after its own setup, seconds after the ranks were created."""
+    if torchrun() is not None:
+        return plan.written >= psutil.Process().create_time()
+    return plan.attempt == attempt()
 
 
 def threads_per_rank(procs_per_node: int) -> int:
@@ -254,8 +281,8 @@ def exit_with_parent() -> None:
 class Ranks:
     """Ranks 1..N-1 of a training on this machine, as child processes of rank 0."""
 
-    def __init__(self, plan_path: Path, world: int):
-        self.plan_path, self.world = plan_path, world
+    def __init__(self, plan_path: Path, world: int, attempt: str = ""):
+        self.plan_path, self.world, self.attempt = plan_path, world, attempt
         self.procs: dict[int, subprocess.Popen] = {}
         self.logs: dict[int, Path] = {}
 
@@ -274,7 +301,8 @@ class Ranks:
         """Wait until every rank is about to join the process group (so that a rank that fails
         while starting is reported, not waited for in the group's rendezvous)."""
         deadline = time.monotonic() + READY_TIMEOUT
-        while not all(ready_file(self.plan_path, r).exists() for r in range(1, self.world)):
+        while not all(ready_file(self.plan_path, r, self.attempt).exists()
+                      for r in range(1, self.world)):
             self.check()
             if stop_requested() or time.monotonic() > deadline:
                 raise GptlabError("the other training processes did not start in time"
@@ -326,15 +354,15 @@ def last_line(path: Path) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
-def ready_file(plan_path: Path, rank: int) -> Path:
-    return plan_path.parent / f"rank{rank}{'.' + attempt() if attempt() else ''}.ready"
+def ready_file(plan_path: Path, rank: int, attempt: str) -> Path:
+    return plan_path.parent / f"rank{rank}{'.' + attempt if attempt else ''}.ready"
 
 
-def mark_ready(plan_path: Path, rank: int) -> None:
-    ready_file(plan_path, rank).touch()
+def mark_ready(plan_path: Path, rank: int, attempt: str) -> None:
+    ready_file(plan_path, rank, attempt).touch()
 
 
-def write_plan(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, world: int) -> Path:
+def write_plan(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, world: int) -> Plan:
     """Rank 0's plan for the others, in a fresh `ddp/` folder of the job's output folder; a
     checkpoint to start from is copied beside it when other machines' tasks read it."""
     folder = output_dir / Path(PLAN).parent
@@ -344,10 +372,11 @@ def write_plan(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, world:
     if ckpt_path is not None and launched_rank() is not None:
         shutil.copy(ckpt_path, folder / "resume.ckpt")
         ckpt_path = folder / "resume.ckpt"
-    path = output_dir / PLAN
-    Plan(OmegaConf.to_container(cfg, resolve=True), str(output_dir),
-         None if ckpt_path is None else str(ckpt_path), world, attempt()).write(path)
-    return path
+    plan = Plan(OmegaConf.to_container(cfg, resolve=True), str(output_dir),
+                None if ckpt_path is None else str(ckpt_path), world, attempt(), time.time(),
+                int(os.environ["MASTER_PORT"]) if torchrun() is not None else None)
+    plan.write(output_dir / PLAN)
+    return plan
 
 
 def wait_for_plan(path: Path, timeout: float = PLAN_TIMEOUT) -> Plan:
@@ -357,7 +386,7 @@ def wait_for_plan(path: Path, timeout: float = PLAN_TIMEOUT) -> Plan:
     while True:
         with contextlib.suppress(OSError, ValueError):
             plan = Plan.read(path)
-            if plan.attempt == attempt():
+            if is_current(plan):
                 return plan
         if time.monotonic() > deadline:
             raise GptlabError(f"rank 0 wrote no plan at {path} within {timeout:.0f} s")

@@ -327,7 +327,7 @@ def start_ranks(s: Session, job: Job, stop: StopSignals) -> ddp.Ranks:
     return once each is about to join the process group."""
     ckpt = s.resume.ckpt_path if s.resume is not None else None
     plan = ddp.write_plan(s.cfg, job.output_dir, ckpt, s.trainer.world_size)
-    ranks = ddp.Ranks(plan, s.trainer.world_size)
+    ranks = ddp.Ranks(job.output_dir / ddp.PLAN, s.trainer.world_size, plan.attempt)
     if ddp.launched_rank() is None:
         ranks.start()
     ranks.wait_ready(lambda: stop.requested)
@@ -344,9 +344,11 @@ def follow(plan: ddp.Plan, plan_path: Path, rank: int) -> None:
     if plan.ckpt_path is not None:
         path = Path(plan.ckpt_path)
         resume = Resume(run=None, cfg=cfg, ckpt_path=path, ckpt=read_checkpoint(path))
+    if plan.master_port is not None:
+        ddp.own_store_environment(plan.master_port)
     with StopSignals(quiet=True) as stop:
         s = setup(cfg, job, RunRecord(job), stop, resume)
-        ddp.mark_ready(plan_path, rank)
+        ddp.mark_ready(plan_path, rank, plan.attempt)
         fit(s)
         validate(s)
 
