@@ -21,7 +21,7 @@ run and writes the plan, the others follow it. The ranks torchrun started win ov
 `trainer.devices` and `trainer.num_nodes` are taken from torchrun, and gptlab starts no ranks
 of its own. The job's output folder is named by torchrun's rendezvous id, so that the ranks,
 and their next start after an elastic restart, find the same plan; rank 0 finds the job's
-MLflow run again by that id (see `elastic_id`).
+MLflow run again by that id (see `elastic_id`) and continues it from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -120,14 +120,14 @@ def launched_rank() -> int | None:
 
 def elastic_id() -> str | None:
     """What names a torchrun job across its ranks, its nodes and its elastic restarts (None
-    outside torchrun): the rendezvous id, TORCHELASTIC_RUN_ID. The job's output folder is
-    named by it and its MLflow run tagged with it (ELASTIC_TAG), so that rank 0 of a restart
-    continues that run; the restarted ranks share nothing else with the start before (not
-    Hydra's time-named folder, not a process, not MASTER_PORT), and a tag in the store needs
-    no disk of its own. torchrun on one node draws a fresh uuid for it; left at torchrun's
-    "none" (a static rendezvous: --master_port, or --node_rank on several nodes) it names no
-    job: on one node torchrun's own process (the ranks' parent, alive across restarts) names
-    it instead, on several nodes --rdzv_id is asked for."""
+    outside torchrun): the rendezvous id, TORCHELASTIC_RUN_ID, the one name they all share
+    (a restart has a new Hydra folder time, new processes, and its rank 0 may be on another
+    node). The job's output folder is named by it, and its MLflow run tagged with it
+    (ELASTIC_TAG): rank 0 of a restart finds the run with the search `resume=auto` makes, in
+    the store it records to anyway, wherever it runs. torchrun on one node draws a fresh uuid
+    for it; left at torchrun's "none" (a static rendezvous: --master_port, or --node_rank on
+    several nodes) it names no job: on one node torchrun's own process (the ranks' parent,
+    alive across restarts) names it instead, on several nodes --rdzv_id is asked for."""
     if torchrun() is None:
         return None
     run_id = os.environ["TORCHELASTIC_RUN_ID"]
@@ -251,7 +251,8 @@ def is_current(plan: Plan) -> bool:
     """Whether a launched rank > 0 may follow `plan`: rank 0's plan of this start of the job.
     Under torchrun, every process of a start is created after every process of the start
     before has ended (torchrun stops all ranks, on every node, before it starts them again),
-    and rank 0 writes its plan after its own setup, seconds after the ranks were created."""
+    and rank 0 writes its plan after its own setup, seconds after the ranks were created
+    (far more than the nodes' clocks differ by)."""
     if torchrun() is not None:
         return plan.written >= psutil.Process().create_time()
     return plan.attempt == attempt()
