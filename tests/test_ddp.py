@@ -9,6 +9,8 @@ import math
 import os
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,91 @@ def test_slurm_tasks_train_one_run_as_ranks(tmp_path, small_corpus):
     assert run.info.status == "FINISHED"
     assert run.data.params["world_size"] == "2"
     assert (tmp_path / "job" / "ddp" / "rank1.4242.0.ready").exists()
+
+
+# -- ranks started by torchrun ------------------------------------------------------------------
+
+def torchrun(tmp: Path, corpus: Path, launch: list[str], args: list[str]) -> subprocess.Popen:
+    """`torchrun LAUNCH... -m gptlab.train ARGS...` in `tmp`, against the store under `tmp`;
+    one thread per rank (torchrun sets that only for several processes on a node)."""
+    return subprocess.Popen([str(BIN / "torchrun"), *launch, *args], cwd=tmp,
+                            env=dict(cli_env(tmp, corpus), OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def ended(*procs: subprocess.Popen) -> str:
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(outputs)[-4000:]
+    return "\n".join(outputs)
+
+
+def test_torchrun_ranks_train_one_run_as_trainer_ddp_does(straight_ddp, small_corpus):
+    tmp, _, expected = straight_ddp
+    # the console script as torchrun's training script; trainer=ddp spawns no ranks of its own
+    ended(torchrun(tmp, small_corpus, ["--nproc_per_node=2", str(BIN / "gptlab-train")],
+                   [*DDP, "logger.experiment_name=torchrun"]))
+    client = MlflowClient(store_uri(tmp))
+    run = only_run(client, "torchrun")
+    assert run.data.params["world_size"] == "2"
+    assert record_of(client, "torchrun", tmp) == expected  # the same numbers, step by step
+    folder = tmp / "outputs" / "torchrun" / run.data.tags["gptlab.torchelastic_run_id"]
+    assert (folder / "ddp" / "plan.json").is_file()
+    assert not (folder / "ddp" / "rank1.log").exists()  # rank 1 was torchrun's, not gptlab's
+
+
+def test_two_torchrun_nodes_train_one_run(tmp_path, small_corpus):
+    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                  f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=two-nodes"]
+    # trainer=cpu (one device): the world is torchrun's, over Lightning's DDP on gloo
+    args = ["-m", "gptlab.train", *TINY_GPT, "trainer.max_steps=4",
+            "trainer.val_check_interval=2", "logger.experiment_name=nodes"]
+    ended(*[torchrun(tmp_path, small_corpus, rendezvous, args) for _ in range(2)])
+    run = only_run(MlflowClient(store_uri(tmp_path)), "nodes")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2"
+    assert (tmp_path / "outputs" / "torchrun" / "two-nodes" / "ddp" / "plan.json").is_file()
+
+
+def test_an_elastic_restart_resumes_the_same_run(straight_ddp, small_corpus):
+    tmp, _, expected = straight_ddp
+    # rank 1 is SIGKILLed at step 14 (checkpoints every 4 steps); torchrun restarts both ranks
+    marker = tmp / "elastic.killed"
+    output = ended(torchrun(tmp, small_corpus, ["--nproc_per_node=2", "--max-restarts=1"], [
+        "-m", "gptlab.train", *DDP, "logger.experiment_name=elastic",
+        "+callbacks.interrupt._target_=interrupt.SignalAt", f"+callbacks.interrupt.marker={marker}",
+        "+callbacks.interrupt.signum=9", "+callbacks.interrupt.rank=1",
+        "+callbacks.interrupt.step=14"]))
+    assert marker.exists() and "exitcode: -9" in output, output[-3000:]
+    client = MlflowClient(store_uri(tmp))
+    run = only_run(client, "elastic")  # the restart continued the run, opened none
+    assert run.data.tags["gptlab.resume.1"].startswith("from step ")
+    assert record_of(client, "elastic", tmp) == expected  # FINISHED, exactly as if not killed
+
+
+def test_torchrun_environment_decides_the_world(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from gptlab import ddp
+    from gptlab.errors import GptlabError
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job 7")
+    for key, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2",
+                           GROUP_RANK="0", TORCHELASTIC_RESTART_COUNT="1").items():
+        monkeypatch.setenv(key, value)
+    assert ddp.launched_rank() == 1
+    # a plan of this start is written after this rank started; one of the start before, not
+    plan = ddp.Plan(cfg={}, output_dir=".", ckpt_path=None, world_size=4, written=time.time())
+    assert ddp.is_current(plan) and not ddp.is_current(replace(plan, written=plan.written - 1e5))
+    trainer = OmegaConf.create({"devices": 2, "accelerator": "cpu"})
+    OmegaConf.set_struct(trainer, True)
+    ddp.use_launched_world(trainer)  # torchrun's 2 processes on each of 2 nodes win
+    assert (trainer.devices, trainer.num_nodes) == (2, 2)
+    assert ddp.launched_overrides(["seed=1"]) == ["hydra.run.dir=outputs/torchrun/job_7"]
+    assert ddp.launched_overrides(["hydra.run.dir=here"]) == []
+    with pytest.raises(GptlabError, match="sweep"):
+        ddp.launched_overrides(["-m", "seed=1,2"])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # a static rendezvous names no job
+    with pytest.raises(GptlabError, match="--rdzv_id"):
+        ddp.elastic_id()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # ... on one node torchrun's own process does
+    assert ddp.elastic_id().endswith(f"-{os.getppid()}")

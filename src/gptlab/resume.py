@@ -26,10 +26,12 @@ from gptlab.recorder import SPOOL_NAME
 # what may change when a run is resumed: how long and how often, never what is trained
 RESUME_SAFE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
                "trainer.enable_progress_bar", "trainer.enable_model_summary",
-               "trainer.accelerator", "trainer.devices", "trainer.strategy", "checkpoint.",
+               "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+               "trainer.strategy", "checkpoint.",
                "callbacks.", "logger.", "data.cache_dir")
 LOCAL_DIR_TAG = "gptlab.local_checkpoints"  # "host:path" of the run's checkpoints on disk
 JOB_KEY_TAG = "gptlab.job_key"  # the same for every start of the same job: see find_auto
+ELASTIC_TAG = "gptlab.torchelastic_run_id"  # the torchrun job that trains it: ddp.elastic_id
 
 
 @dataclass
@@ -121,13 +123,17 @@ def job_key(experiment_name: str, overrides: list[str], parent_run_id: str | Non
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def find_auto(client: MlflowClient, experiment_name: str, key: str) -> Run | None:
+def find_auto(client: MlflowClient, experiment_name: str, key: str,
+              elastic_id: str | None = None) -> Run | None:
     """`resume=auto`: the newest unfinished run of this same job that has a checkpoint, or
-    None to start a new run. A run of the job that died before its first checkpoint (left
+    None to start a new run; with `elastic_id`, only a run of that torchrun job (its start
+    before an elastic restart). A run of the job that died before its first checkpoint (left
     RUNNING by a SIGKILL) has nothing to continue and is ended KILLED on the way."""
+    query = f"tags.`{JOB_KEY_TAG}` = '{key}' and attributes.status != 'FINISHED'"
+    if elastic_id is not None:
+        query += f" and tags.`{ELASTIC_TAG}` = '{elastic_id}'"
     try:
-        runs = store.search_runs(client, experiment_name, f"tags.`{JOB_KEY_TAG}` = '{key}' "
-                                 "and attributes.status != 'FINISHED'")
+        runs = store.search_runs(client, experiment_name, query)
     except GptlabError:
         return None  # the experiment does not exist yet
     for run in runs:

@@ -44,7 +44,7 @@ from gptlab.lit_module import LitLM
 from gptlab.models import class_path
 from gptlab.optim import check_optimizer
 from gptlab.recorder import RunLogger
-from gptlab.resume import Resume, find_auto, prepare_resume
+from gptlab.resume import ELASTIC_TAG, Resume, find_auto, prepare_resume
 from gptlab.runs import FINISHED, Job, Outcome, RunRecord, overrides_name, run_job
 from gptlab.schedule import Steps
 from gptlab.signals import StopSignals
@@ -178,6 +178,8 @@ def open_run(s: Session, job: Job, record: RunRecord) -> None:
                                   f"{before} -> {world} processes at step {s.resume.step}")
         return
     tags = {"gptlab.model_class": s.info["model_class"]}
+    if ddp.elastic_id() is not None:  # a restart of the torchrun job finds the run by it
+        tags[ELASTIC_TAG] = ddp.elastic_id()
     if s.info["code_version"]:
         tags["mlflow.source.git.commit"] = s.info["code_version"]
     record.open(s.cfg, tags, {"vocab_size": s.dm.vocab_size, "n_params": s.n_params,
@@ -230,17 +232,23 @@ def final_sample(s: Session, record: RunRecord) -> str:
 def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
     """One training job, phase by phase; returns the best val/loss and the final sample."""
     cfg = job.cfg
+    ddp.use_launched_world(cfg.trainer)
     checks.check_train_config(cfg)
     with store.scratch() as scratch:
         resume = None
         if cfg.resume and record.client is None:
             raise GptlabError("resume needs the MLflow logger (logger=mlflow)")
-        if cfg.resume == "auto":
-            run = find_auto(record.client, cfg.logger.experiment_name, job.key)
+        elastic = ddp.elastic_id()
+        if cfg.resume == "auto" or (cfg.resume is None and elastic and record.client):
+            # under torchrun, the run of this same torchrun job if there is one: its ranks
+            # were restarted (an elastic restart), and continue it from its last checkpoint
+            run = find_auto(record.client, cfg.logger.experiment_name, job.key,
+                            None if cfg.resume == "auto" else elastic)
             cfg.resume = None if run is None else run.info.run_id
         if cfg.resume:
             resume = prepare_resume(cfg, record.client, job.overrides, scratch)
             cfg = resume.cfg
+            ddp.use_launched_world(cfg.trainer)
             checks.check_train_config(cfg)
             if resume.run.info.status == FINISHED and resume.step >= cfg.trainer.max_steps:
                 raise GptlabError(f"run {resume.run_id} is already at step {resume.step}: "
@@ -315,12 +323,12 @@ def run_phases(s: Session, job: Job, record: RunRecord, stop: StopSignals) -> st
 
 
 def start_ranks(s: Session, job: Job, stop: StopSignals) -> ddp.Ranks:
-    """Write the plan for ranks 1..N-1 and start them (SLURM starts its own tasks); return
-    once each is about to join the process group."""
+    """Write the plan for ranks 1..N-1 and start them (torchrun and SLURM start their own);
+    return once each is about to join the process group."""
     ckpt = s.resume.ckpt_path if s.resume is not None else None
     plan = ddp.write_plan(s.cfg, job.output_dir, ckpt, s.trainer.world_size)
-    ranks = ddp.Ranks(plan, s.trainer.world_size)
-    if ddp.slurm_rank() is None:
+    ranks = ddp.Ranks(job.output_dir / ddp.PLAN, s.trainer.world_size, plan.attempt)
+    if ddp.launched_rank() is None:
         ranks.start()
     ranks.wait_ready(lambda: stop.requested)
     return ranks
@@ -336,9 +344,11 @@ def follow(plan: ddp.Plan, plan_path: Path, rank: int) -> None:
     if plan.ckpt_path is not None:
         path = Path(plan.ckpt_path)
         resume = Resume(run=None, cfg=cfg, ckpt_path=path, ckpt=read_checkpoint(path))
+    if plan.master_port is not None:
+        ddp.own_store_environment(plan.master_port)
     with StopSignals(quiet=True) as stop:
         s = setup(cfg, job, RunRecord(job), stop, resume)
-        ddp.mark_ready(plan_path, rank)
+        ddp.mark_ready(plan_path, rank, plan.attempt)
         fit(s)
         validate(s)
 
@@ -397,8 +407,8 @@ _outcomes: list[Outcome] = []
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _task(cfg: DictConfig) -> float:
     job = job_from_hydra(cfg)
-    rank = ddp.slurm_rank()
-    if rank:  # a SLURM task of a data-parallel job: rank 0 opens and records the run
+    rank = ddp.launched_rank()
+    if rank:  # torchrun's or SLURM's rank > 0 of a data-parallel job: rank 0 records the run
         plan_path = job.output_dir / ddp.PLAN
         follow(ddp.wait_for_plan(plan_path), plan_path, rank)
         return math.nan
@@ -421,6 +431,7 @@ def _task(cfg: DictConfig) -> float:
 def main() -> int:
     console.line_buffered()
     sweeps.check_launcher(sys.argv[1:])
+    sys.argv += ddp.launched_overrides(sys.argv[1:])  # torchrun's ranks: one output folder
     _outcomes.clear()
     try:
         _task()
