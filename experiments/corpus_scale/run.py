@@ -228,6 +228,28 @@ def gather_us(cache: Path, tokenizer: str, batches: int = 2000) -> dict:
     return out
 
 
+def before_and_after(paths: dict[int, Path], old_src: Path, work: Path) -> dict:
+    """A first run's data set-up (`CharDataModule(...).setup()` on a fresh cache) by the code
+    in `old_src` (gptlab before prepared corpora) and by this code, in turn, where the old
+    code fits in memory: characters up to 100 MB, the BPE at 10 MB (at 100 MB it took over
+    10 minutes and 18.3 GB)."""
+    out: dict = {}
+    for size, path in paths.items():
+        for name in TOKENIZERS:
+            if size > (100 if name == "char" else 10):
+                continue
+            for who, pythonpath in (("before", str(old_src)), ("after", "")):
+                cache = work / f"cache-setup-{who}"
+                shutil.rmtree(cache, ignore_errors=True)
+                env = dict(os.environ, PYTHONPATH=pythonpath)
+                r = timed([sys.executable, __file__, "--setup", name, str(path), str(cache)],
+                          env)
+                out.setdefault(f"{size} MB", {}).setdefault(name, {})[who] = {
+                    "setup_s": float(r["stdout"].split()[-1]), "peak_mb": r["peak_mb"]}
+                print(f"{who}: {size} MB {name} {out[f'{size} MB'][name][who]}", flush=True)
+    return out
+
+
 def prepared_by(stderr: str) -> int:
     return stderr.count("gptlab: preparing ")
 
@@ -310,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus", type=Path, default=os.environ.get("GPTLAB_DATA"),
                     help="Tiny Shakespeare (default: $GPTLAB_DATA)")
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--before", type=Path, metavar="OLD_SRC",
+                    help="only compare a first run's data set-up with the code in OLD_SRC "
+                         "(the src/ of a checkout of gptlab before prepared corpora)")
     ap.add_argument("--train-only", action="store_true",
                     help="keep the preparing figures of results.json (and the caches in "
                          "--work); measure the training again")
@@ -332,6 +357,12 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"machine": machine(), "command": " ".join(["python", *sys.argv]),
                      "prepare": {}, "train": {}}
     paths = {size: corpus_of(size, Path(args.corpus), args.work) for size in args.sizes}
+    if args.before:
+        before = before_and_after(paths, args.before.resolve(), args.work)
+        (HERE / "before.json").write_text(json.dumps(
+            {"machine": machine(), "command": " ".join(["python", *sys.argv]),
+             "setup": before}, indent=1) + "\n")
+        return
     if args.train_only:
         earlier = json.loads((HERE / "results.json").read_text())
         results["prepare"] = {int(k): v for k, v in earlier["prepare"].items()}
