@@ -85,6 +85,10 @@ def test_a_glob_picks_its_files_and_a_fraction_splits_by_documents(folder, tmp_p
     m = prep.meta
     assert m["documents"]["train"] + m["documents"]["val"] == 10  # doc10 .. doc19
     assert 0 < m["documents"]["val"] < 10
+    # documents are named from the folder above the first wildcard, as in the folder itself
+    source = open_source(f"{folder}/**/doc1*.txt")
+    assert source.name == "plays" and sorted(d.name for d in source.documents()) == sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("doc1*.txt"))
 
 
 def test_jsonl_parquet_and_a_local_hugging_face_dataset_read_the_same_documents(texts,

@@ -108,7 +108,9 @@ def open_source(path: str | None, hf_dataset: str | None = None, hf_config: str 
                                 any(part.startswith(".") for part in f.relative_to(p).parts))
     elif glob.has_magic(str(path)):
         pattern = str(p)
-        root = Path(pattern.split("*")[0].split("?")[0].split("[")[0]).parent
+        # the folder above the first wildcard: documents are named from there
+        head = pattern.split("*")[0].split("?")[0].split("[")[0]
+        root = Path(head) if head.endswith("/") else Path(head).parent
         files = sorted(Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file())
     else:
         raise GptlabError(f"corpus not found: {p} (check data.path)")
