@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from gptlab import prepared
 from gptlab import train as train_cli
 from gptlab.corpus import open_source
 from gptlab.data import get_batch
-from gptlab.errors import GptlabError
+from gptlab.errors import GptlabError, StopRequested
 from gptlab.prepared import Recipe, Tokens
 from gptlab.tokenizer import EOT_TEXT
 
@@ -224,6 +225,21 @@ def test_a_prepare_that_fails_leaves_nothing_a_run_would_use(folder, tmp_path, m
     assert list(prepared.folders(tmp_path)) == []
     assert [p.name for p in (tmp_path / "corpora").iterdir() if p.name.startswith(".")] == []
     assert prepare(folder, tmp_path).meta["documents"]["train"] > 0
+
+
+def test_a_stop_request_ends_a_prepare_midway_and_leaves_nothing(folder, tmp_path):
+    calls = []
+
+    def ctrl_c_while_tokenizing() -> None:  # a run's StopSignals.check after a Ctrl-C
+        calls.append(1)
+        if len(calls) > N_DOCS + 3:  # the scan is done, the encoding under way
+            raise StopRequested(signal.SIGINT)
+
+    with pytest.raises(StopRequested):
+        prepared.prepare(open_source(str(folder)), Recipe(), tmp_path,
+                         check=ctrl_c_while_tokenizing)
+    assert list(prepared.folders(tmp_path)) == []
+    assert [p.name for p in (tmp_path / "corpora").iterdir() if p.name.startswith(".")] == []
 
 
 def test_a_bpe_on_documents_learns_from_a_bounded_sample_and_separates_them(folder, tmp_path):

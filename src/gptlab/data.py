@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -219,6 +219,7 @@ class CharDataModule(pl.LightningDataModule):
         self.prepared: Prepared | None = None
         self.tokenizer: Tokenizer | None = None
         self.given_tokenizer: Tokenizer | None = None  # a resumed run's, from its checkpoint
+        self.stop_check: Callable[[], None] | None = None  # raises to stop a long prepare
         self.train_data: Tokens | None = None
         self.val_data: Tokens | None = None
         self.bpc_ids: list[int] = []  # the validation characters scored in bits per char
@@ -239,7 +240,7 @@ class CharDataModule(pl.LightningDataModule):
             self.source = self.open_source()
             cache = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
             self.prepared = prepared.prepare(self.source, self.recipe, cache,
-                                             self.given_tokenizer)
+                                             self.given_tokenizer, self.stop_check)
         return self.prepared
 
     def setup(self, stage: str | None = None) -> None:

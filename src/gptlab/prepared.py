@@ -28,7 +28,7 @@ import struct
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,9 +281,11 @@ def _remove(folder: Path) -> None:
 
 
 def prepare(source: Source, recipe: Recipe, cache_dir: Path,
-            given: Tokenizer | None = None) -> Prepared:
+            given: Tokenizer | None = None,
+            check: Callable[[], None] | None = None) -> Prepared:
     """The corpus's prepared tokens: found, or made now (once, whoever asks at once).
-    `given` is a tokenizer to use instead of building one (a resumed run's)."""
+    `given` is a tokenizer to use instead of building one (a resumed run's); `check` is
+    called as the corpus is read, to stop a prepare by raising (a run's Ctrl-C)."""
     rule = recipe.split_rule(source.single_document)
     tok_rule = ["given", hashlib.sha256(given.spec.encode()).hexdigest()] if given \
         else recipe.tokenizer_rule()
@@ -307,7 +309,7 @@ def prepare(source: Source, recipe: Recipe, cache_dir: Path,
         found = _found(cache_dir, fingerprint, given)
         if found is not None:
             return found
-        prep = _make(source, recipe, rule, root, given)
+        prep = _make(source, recipe, rule, root, given, check)
         store.write_atomic(_index_path(cache_dir, fingerprint),
                            json.dumps({"folder": prep.folder.name}))
         return prep
@@ -319,8 +321,9 @@ class Meter:
     """Progress through the corpus: a bar with MB/s and time left in a terminal, a plain line
     every `every` seconds elsewhere (a log file, a batch job)."""
 
-    def __init__(self, what: str, total: int | None, every: float = 10.0):
-        self.what, self.total, self.every = what, total, every
+    def __init__(self, what: str, total: int | None, every: float = 10.0,
+                 check: Callable[[], None] | None = None):
+        self.what, self.total, self.every, self.check = what, total, every, check
         self.done, self.start = 0, time.monotonic()
         self.last = self.start
         self.bar = None
@@ -331,6 +334,8 @@ class Meter:
                             unit_divisor=1000, file=sys.stderr, leave=False)
 
     def add(self, n: int) -> None:
+        if self.check is not None:
+            self.check()
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
@@ -364,13 +369,14 @@ def _total_bytes(source: Source) -> int | None:
     return sum(p.stat().st_size for p in source.files) or None
 
 
-def _scan(source: Source, recipe: Recipe, need_chars: bool) -> Scan:
+def _scan(source: Source, recipe: Recipe, need_chars: bool,
+          check: Callable[[], None] | None = None) -> Scan:
     digest = hashlib.sha256()
     seen = np.zeros(0x110000, dtype=bool) if need_chars else None
     sample, sample_chars = [], 0
     hashes: list[float] = []
     n_docs = n_chars = 0
-    meter = Meter("scanning", _total_bytes(source))
+    meter = Meter("scanning", _total_bytes(source), check=check)
     for doc in source.documents():
         h = name_hash(doc.name)
         if not source.single_document:
@@ -493,11 +499,11 @@ class SplitEncoder:
 
 
 def _make(source: Source, recipe: Recipe, rule: list, root: Path,
-          given: Tokenizer | None) -> Prepared:
+          given: Tokenizer | None, check: Callable[[], None] | None = None) -> Prepared:
     t0 = time.monotonic()
     log.info(f"gptlab: preparing {source.describe()} ({recipe.tokenizer} tokens), once for "
              "every run on it")
-    scan = _scan(source, recipe, need_chars=given is None and recipe.tokenizer == "char")
+    scan = _scan(source, recipe, given is None and recipe.tokenizer == "char", check)
     if given is not None and not source.single_document and given.kind == "char" \
             and not getattr(given, "eot_char", None):
         raise GptlabError("the run's character vocabulary has no end-of-text token to "
@@ -515,7 +521,7 @@ def _make(source: Source, recipe: Recipe, rule: list, root: Path,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        meta = _encode(source, recipe, scan, tok, eot, tmp, given is not None)
+        meta = _encode(source, recipe, scan, tok, eot, tmp, given is not None, check)
         meta["seconds"] = round(time.monotonic() - t0, 2)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         try:
@@ -560,13 +566,13 @@ def _alive(pid: int) -> bool:
 
 
 def _encode(source: Source, recipe: Recipe, scan: Scan, tok: Tokenizer, eot: int | None,
-            folder: Path, given: bool) -> dict:
+            folder: Path, given: bool, check: Callable[[], None] | None = None) -> dict:
     dtype = dtype_for(tok.vocab_size)
     writers = {s: ShardWriter(folder, s, dtype) for s in SPLITS}
     enc = {s: SplitEncoder(tok, writers[s], eot) for s in SPLITS}
     n_train = int(recipe.train_frac * scan.characters) if source.single_document else None
     skipped_before = len(source.skipped)
-    meter = Meter("tokenizing", _total_bytes(source))
+    meter = Meter("tokenizing", _total_bytes(source), check=check)
     with open(folder / "val.txt", "w", encoding="utf-8", newline="") as val_text:
         separator = tokenizers.end_of_text_text(tok)
         for doc in source.documents():

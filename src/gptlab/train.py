@@ -141,6 +141,7 @@ def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
         # the run's own BPE, never trained again (characters are read off the corpus, and
         # a corpus that changed is caught below)
         dm.given_tokenizer = tokenizers.from_checkpoint(resume.ckpt["gptlab"])
+    dm.stop_check = stop.check  # Ctrl-C stops a first run's prepare, which leaves nothing
     dm.setup()
     model, model_kwargs, compile_model = build_model(cfg.model, dm.vocab_size, dm.block_size)
     info = {"model_class": class_path(model), "model_kwargs": model_kwargs,
