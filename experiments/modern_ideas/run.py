@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -80,7 +81,7 @@ def table(groups: list[dict]) -> str:
             f"| {g['idea']} | {WHAT.get(g['idea'], '')} | {g['runs']} | "
             f"{g['best val/loss']:.4f} +- {g['best std']:.4f} | "
             + ("-" if g["idea"] == "baseline" else f"{g['diff']:+.4f}") + " | "
-            + ("-" if p != p else f"{p:.3g}{' *' if p < 0.05 else ''}") + " | "
+            + ("-" if math.isnan(p) else f"{p:.3g}{' *' if p < 0.05 else ''}") + " | "
             f"{g['ms/step']:.1f} | {g['params']:,} |")
     return "\n".join(lines)
 

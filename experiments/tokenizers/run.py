@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -153,7 +154,7 @@ def table(study: Study, groups: list[dict], settings: dict[str, dict]) -> str:
             f"{64 * s['chars_per_token']:.0f} | {g['steps']} | {g['runs']} | "
             f"{g['best val/bpc']:.4f} +- {g['best std']:.4f} | "
             + ("-" if g["tokenizer"] == "char" else f"{g['diff']:+.4f}") + " | "
-            + ("-" if p != p else f"{p:.3g}{' *' if p < 0.05 else ''}") + " | "
+            + ("-" if math.isnan(p) else f"{p:.3g}{' *' if p < 0.05 else ''}") + " | "
             f"{g['tokens/s']:,.0f} | {g['chars/s']:,.0f} | {g['ms/step']:.1f} |")
     return "\n".join(lines)
 

@@ -100,7 +100,7 @@ def summarize(client: MlflowClient, run: Run, keys: Sequence[str]) -> dict[str, 
         "_final val/bpc": bpc[-1].value if bpc else math.nan,
         "steps": max((m.step for m in steps), default=0),
         "tokens/s": tok_s,
-        "ms/step": 1000 * batch_tokens / tok_s if tok_s == tok_s and tok_s > 0 else math.nan,
+        "ms/step": 1000 * batch_tokens / tok_s if not math.isnan(tok_s) and tok_s > 0 else math.nan,
         "wall time": f"{(end - run.info.start_time) / 1000:.0f}s" if end else "-",
         "status": run.info.status,
         "_params": dict(p),
@@ -141,7 +141,7 @@ def group_name(params: dict[str, str], keys: Sequence[str]) -> str:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if v == v]
+    values = [v for v in values if not math.isnan(v)]
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
@@ -149,7 +149,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def confidence_interval(values: Sequence[float], level: float = 0.95) -> float:
     """Half-width of the confidence interval of the mean (Student's t)."""
-    values = [v for v in values if v == v]
+    values = [v for v in values if not math.isnan(v)]
     if len(values) < 2:
         return math.nan
     t = stats.t.ppf(0.5 + level / 2, len(values) - 1)
@@ -158,7 +158,7 @@ def confidence_interval(values: Sequence[float], level: float = 0.95) -> float:
 
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
     """Two-sided p-value of Welch's t-test that two groups have the same mean."""
-    a, b = [v for v in a if v == v], [v for v in b if v == v]
+    a, b = [v for v in a if not math.isnan(v)], [v for v in b if not math.isnan(v)]
     if len(a) < 2 or len(b) < 2:
         return math.nan
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
@@ -219,7 +219,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
     def fmt(c: str, v: Any) -> str:
         if isinstance(v, float):
-            if v != v:
+            if math.isnan(v):
                 return "-"
             if c.startswith("p ("):
                 return f"{v:.3g}"

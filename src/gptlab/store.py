@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -281,10 +280,6 @@ def log_dataset(client: MlflowClient, run_id: str, dataset: Dataset,
     """Link a dataset to the run (jobs starting together log the same new corpus at once)."""
     inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
     again_on_collision(lambda: client.log_inputs(run_id, datasets=inputs))
-
-
-def log_json(client: MlflowClient, run_id: str, obj: Any, path: str) -> None:
-    client.log_text(run_id, json.dumps(obj, indent=2, ensure_ascii=False), path)
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
