@@ -257,10 +257,10 @@ class CharDataModule(pl.LightningDataModule):
                     f"fewer than data.block_size + 1 = {self.block_size + 1}"
                 )
         scored = prep.val_text(self.bpc_chars_wanted)
-        self.bpc_ids = self.bpc_tokens(scored, prep.meta.get("end_of_text") or "", prep.eot)
+        sep = prep.meta.get("end_of_text") or ""
+        self.bpc_ids = self.bpc_tokens(scored, sep, prep.eot)
         # the first token is context only, and the documents' separators are no characters
         # of theirs: neither counts
-        sep = prep.meta.get("end_of_text") or ""
         self.bpc_chars = (len(scored) - len(self.tokenizer.decode(self.bpc_ids[:1]))
                           - (scored.count(sep) * len(sep) if sep else 0))
         self._train_blocks = RandomBlocks(

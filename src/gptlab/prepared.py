@@ -287,15 +287,14 @@ def prepare(source: Source, recipe: Recipe, cache_dir: Path,
     `given` is a tokenizer to use instead of building one (a resumed run's); `check` is
     called as the corpus is read, to stop a prepare by raising (a run's Ctrl-C)."""
     rule = recipe.split_rule(source.single_document)
+    files = [FORMAT, source.kind, source.text_field, source.on_bad_document, source.stamp(),
+             rule]  # the corpus's files stat'ed once: a corpus may have thousands
     tok_rule = ["given", hashlib.sha256(given.spec.encode()).hexdigest()] if given \
         else recipe.tokenizer_rule()
-    fingerprint = _hash([FORMAT, source.kind, source.text_field, source.on_bad_document,
-                         source.stamp(), rule, tok_rule])
+    fingerprint = _hash([*files, tok_rule])
     if given is not None:
         # the corpus prepared for the run's own recipe holds the same tokenizer, mostly
-        own = _found(cache_dir, _hash([FORMAT, source.kind, source.text_field,
-                                       source.on_bad_document, source.stamp(), rule,
-                                       recipe.tokenizer_rule()]), given)
+        own = _found(cache_dir, _hash([*files, recipe.tokenizer_rule()]), given)
         if own is not None:
             return own
     found = _found(cache_dir, fingerprint, given)
