@@ -13,8 +13,8 @@ import torch
 from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from gptlab.lit_module import LitLM
 from gptlab.models.gpt import GPT
+from gptlab.run.lit_module import LitLM
 
 V, T, B = 65, 16, 8
 

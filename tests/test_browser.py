@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, TINY_GPT, free_port, run_cli, store_uri, wait_until
-from gptlab import store
+from gptlab.tracking import store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (make test)")

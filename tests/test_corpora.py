@@ -19,14 +19,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_GPT, one_line_error, only_run, store_uri
-from gptlab import prepare as prepare_cli
-from gptlab import prepared
-from gptlab import train as train_cli
-from gptlab.corpus import open_source
-from gptlab.data import get_batch
+from gptlab.cli import prepare as prepare_cli
+from gptlab.cli import train as train_cli
+from gptlab.data import prepared
+from gptlab.data.corpus import open_source
+from gptlab.data.datamodule import get_batch
+from gptlab.data.prepared import Recipe, Tokens
+from gptlab.data.tokenizer import EOT_TEXT
 from gptlab.errors import GptlabError, StopRequested
-from gptlab.prepared import Recipe, Tokens
-from gptlab.tokenizer import EOT_TEXT
 
 N_DOCS = 40
 
@@ -156,7 +156,7 @@ def test_a_prepared_corpus_is_found_again_without_reading_it(folder, tmp_path, m
         raise AssertionError("the corpus was read again")
 
     with monkeypatch.context() as m:
-        m.setattr("gptlab.corpus.Source.documents", no_reading)
+        m.setattr("gptlab.data.corpus.Source.documents", no_reading)
         assert prepare(folder, tmp_path).folder == first.folder
     # a changed document: the corpus is read and prepared again, beside the first
     doc = folder / "doc00.txt"
@@ -265,7 +265,7 @@ def test_gptlab_prepare_makes_what_runs_then_share_and_show_as_one_dataset(
     (row,) = [line.split() for line in out.splitlines() if line.split()[:1] == ["documents"]]
     assert row[1:] == [str(N_DOCS - 4), "4"]
     # the runs read the prepared files, never the corpus
-    monkeypatch.setattr("gptlab.corpus.Source.documents", lambda self: pytest.fail("read"))
+    monkeypatch.setattr("gptlab.data.corpus.Source.documents", lambda self: pytest.fail("read"))
     for name in ("first", "second"):
         code, out, err = in_process(train_cli.main,
                                     [*TINY_GPT, *keys, f"logger.experiment_name={name}"],

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab import data
-from gptlab.data import CharDataModule, get_batch
+from gptlab.data import datamodule
+from gptlab.data.datamodule import CorpusDataModule, get_batch
+from gptlab.data.tokenizer import CharTokenizer
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import CharTokenizer
 
 
 def test_tokenizer_round_trip(corpus):
@@ -27,8 +27,8 @@ def test_unknown_characters_are_named():
 
 
 def test_real_corpus_checksum_and_split_sizes(corpus):
-    assert hashlib.sha256(corpus.read_bytes()).hexdigest() == data.TINY_SHAKESPEARE_SHA256
-    dm = CharDataModule(path=str(corpus), block_size=8, batch_size=4)
+    assert hashlib.sha256(corpus.read_bytes()).hexdigest() == datamodule.TINY_SHAKESPEARE_SHA256
+    dm = CorpusDataModule(path=str(corpus), block_size=8, batch_size=4)
     dm.setup()
     assert dm.vocab_size == 65
     assert (len(dm.train_data), len(dm.val_data)) == (1_003_854, 111_540)
@@ -48,7 +48,7 @@ def test_batch_targets_are_inputs_shifted_by_one():
 
 def test_training_batches_are_seeded_and_resumable(small_corpus):
     def batches(seed, start=0, n=3):
-        dm = CharDataModule(path=str(small_corpus), block_size=8, batch_size=4, seed=seed)
+        dm = CorpusDataModule(path=str(small_corpus), block_size=8, batch_size=4, seed=seed)
         dm.setup()
         dm._train_blocks.start = start
         it = iter(dm.train_dataloader())
@@ -62,9 +62,9 @@ def test_training_batches_are_seeded_and_resumable(small_corpus):
 
 
 def test_validation_set_is_fixed(small_corpus):
-    dm = CharDataModule(path=str(small_corpus), block_size=8, batch_size=4, eval_iters=3, seed=1)
+    dm = CorpusDataModule(path=str(small_corpus), block_size=8, batch_size=4, eval_iters=3, seed=1)
     dm.setup()
-    dm2 = CharDataModule(path=str(small_corpus), block_size=8, batch_size=4, eval_iters=3, seed=2)
+    dm2 = CorpusDataModule(path=str(small_corpus), block_size=8, batch_size=4, eval_iters=3, seed=2)
     dm2.setup()
     x1, _ = dm.val_blocks()
     assert x1.shape == (12, 8)
@@ -76,32 +76,32 @@ def test_validation_set_is_fixed(small_corpus):
 def test_corpus_too_small(tmp_path, text):
     path = tmp_path / "c.txt"
     path.write_text(text)
-    dm = CharDataModule(path=str(path), block_size=64)
+    dm = CorpusDataModule(path=str(path), block_size=64)
     with pytest.raises(GptlabError, match="empty|fewer than"):
         dm.setup()
 
 
 def test_missing_corpus(tmp_path):
     with pytest.raises(GptlabError, match="not found"):
-        CharDataModule(path=str(tmp_path / "nope.txt")).setup()
+        CorpusDataModule(path=str(tmp_path / "nope.txt")).setup()
 
 
 def test_offline_without_file_names_url_and_options(tmp_path, monkeypatch):
-    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.delenv(datamodule.DATA_ENV, raising=False)
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(GptlabError) as e:
-        data.resolve_corpus(None, cache_dir=str(tmp_path))
-    assert data.TINY_SHAKESPEARE_URL in str(e.value)
+        datamodule.resolve_corpus(None, cache_dir=str(tmp_path))
+    assert datamodule.TINY_SHAKESPEARE_URL in str(e.value)
     assert "data.path" in str(e.value) and "GPTLAB_DATA" in str(e.value)
     assert not list(tmp_path.rglob("*.part"))
 
 
 def test_download_is_verified_and_cached(tmp_path, monkeypatch, corpus):
-    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.delenv(datamodule.DATA_ENV, raising=False)
     calls = []
 
     class Response:
@@ -119,13 +119,13 @@ def test_download_is_verified_and_cached(tmp_path, monkeypatch, corpus):
         return Response()
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    p1 = data.resolve_corpus(None, cache_dir=str(tmp_path))
-    p2 = data.resolve_corpus(None, cache_dir=str(tmp_path))
+    p1 = datamodule.resolve_corpus(None, cache_dir=str(tmp_path))
+    p2 = datamodule.resolve_corpus(None, cache_dir=str(tmp_path))
     assert p1 == p2 and Path(p1).read_bytes() == corpus.read_bytes()
-    assert calls == [data.TINY_SHAKESPEARE_URL]
+    assert calls == [datamodule.TINY_SHAKESPEARE_URL]
 
 
 @pytest.mark.parametrize("kw", [{"block_size": 0}, {"batch_size": -1}, {"train_frac": 1.5}])
 def test_bad_data_config(kw):
     with pytest.raises(GptlabError, match=next(iter(kw))):
-        CharDataModule(**kw)
+        CorpusDataModule(**kw)

@@ -31,8 +31,8 @@ from conftest import (
     runs_in,
     store_uri,
 )
-from gptlab.checkpoints import model_from_checkpoint, read_checkpoint
-from gptlab.data import CharDataModule
+from gptlab.data.datamodule import CorpusDataModule
+from gptlab.models.checkpoints import model_from_checkpoint, read_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_step  # noqa: E402
@@ -99,7 +99,7 @@ def test_validation_is_the_whole_set_as_one_process_scores_it(straight_ddp, smal
     path = client.download_artifacts(run.info.run_id, "checkpoints/step_000025.ckpt",
                                      str(tmp / "dl"))
     model = model_from_checkpoint(read_checkpoint(Path(path))).eval()
-    dm = CharDataModule(path=str(small_corpus), block_size=16, batch_size=4, eval_iters=2)
+    dm = CorpusDataModule(path=str(small_corpus), block_size=16, batch_size=4, eval_iters=2)
     dm.setup()
     x, y = dm.val_blocks()
     with torch.no_grad():
@@ -206,7 +206,7 @@ def test_slurm_tasks_train_one_run_as_ranks(tmp_path, small_corpus):
 # -- ranks started by torchrun ------------------------------------------------------------------
 
 def torchrun(tmp: Path, corpus: Path, launch: list[str], args: list[str]) -> subprocess.Popen:
-    """`torchrun LAUNCH... -m gptlab.train ARGS...` in `tmp`, against the store under `tmp`;
+    """`torchrun LAUNCH... -m gptlab.cli.train ARGS...` in `tmp`, against the store under `tmp`;
     one thread per rank (torchrun sets that only for several processes on a node)."""
     return subprocess.Popen([str(BIN / "torchrun"), *launch, *args], cwd=tmp,
                             env=dict(cli_env(tmp, corpus), OMP_NUM_THREADS="1"),
@@ -237,7 +237,7 @@ def test_two_torchrun_nodes_train_one_run(tmp_path, small_corpus):
     rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
                   f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=two-nodes"]
     # trainer=cpu (one device): the world is torchrun's, over Lightning's DDP on gloo
-    args = ["-m", "gptlab.train", *TINY_GPT, "trainer.max_steps=4",
+    args = ["-m", "gptlab.cli.train", *TINY_GPT, "trainer.max_steps=4",
             "trainer.val_check_interval=2", "logger.experiment_name=nodes"]
     ended(*[torchrun(tmp_path, small_corpus, rendezvous, args) for _ in range(2)])
     run = only_run(MlflowClient(store_uri(tmp_path)), "nodes")
@@ -251,7 +251,7 @@ def test_an_elastic_restart_resumes_the_same_run(straight_ddp, small_corpus):
     # rank 1 is SIGKILLed at step 14 (checkpoints every 4 steps); torchrun restarts both ranks
     marker = tmp / "elastic.killed"
     output = ended(torchrun(tmp, small_corpus, ["--nproc_per_node=2", "--max-restarts=1"], [
-        "-m", "gptlab.train", *DDP, "logger.experiment_name=elastic",
+        "-m", "gptlab.cli.train", *DDP, "logger.experiment_name=elastic",
         "+callbacks.interrupt._target_=interrupt.SignalAt", f"+callbacks.interrupt.marker={marker}",
         "+callbacks.interrupt.signum=9", "+callbacks.interrupt.rank=1",
         "+callbacks.interrupt.step=14"]))
@@ -265,8 +265,8 @@ def test_an_elastic_restart_resumes_the_same_run(straight_ddp, small_corpus):
 def test_torchrun_environment_decides_the_world(monkeypatch):
     from omegaconf import OmegaConf
 
-    from gptlab import ddp
     from gptlab.errors import GptlabError
+    from gptlab.run import ddp
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job 7")
     for key, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2",

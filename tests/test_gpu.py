@@ -8,8 +8,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_GPT, run_cli, store_uri
-from gptlab.lit_module import LitLM
 from gptlab.models.gpt import GPT
+from gptlab.run.lit_module import LitLM
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -9,11 +9,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_GPT, store_uri
-from gptlab import sample as sample_cli
-from gptlab import train as train_cli
+from gptlab.cli import sample as sample_cli
+from gptlab.cli import train as train_cli
 from gptlab.errors import GptlabError
 from gptlab.models.gpt import GPT, mlp_hidden
-from gptlab.optim import MuonWithAdamW, build_optimizer
+from gptlab.run.optim import MuonWithAdamW, build_optimizer
 
 V, T = 23, 16
 SWITCHES = {

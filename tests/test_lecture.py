@@ -12,11 +12,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from gptlab import CONF_DIR
-from gptlab import train as train_cli
+from gptlab.cli import train as train_cli
 from gptlab.errors import GptlabError, gptlab_cause
 from gptlab.models.averaging import AGGREGATIONS, causal_average_matmul
 from gptlab.models.bigram import BigramLanguageModel
 from gptlab.models.gpt import GPT, CausalSelfAttention
+from gptlab.run import training
 
 V = 65  # Tiny Shakespeare's vocabulary
 SMALL_STAGES = ["bigram", "bow", "attention_head", "multihead", "multihead_ffn", "blocks",
@@ -42,7 +43,7 @@ def stage_cfg(stage: str, *overrides: str) -> DictConfig:
 def build_model(cfg: DictConfig) -> torch.nn.Module:
     """As gptlab-train builds it: vocab_size and block_size come from the data."""
     try:
-        return train_cli.build_model(cfg.model, V, cfg.data.block_size)[0]
+        return training.build_model(cfg.model, V, cfg.data.block_size)[0]
     except Exception as e:
         # Hydra wraps what the constructor raised; the test wants the constructor's error
         raise (gptlab_cause(e) or e) from None

@@ -18,8 +18,8 @@ from conftest import (
     runs_in,
     store_uri,
 )
-from gptlab import store
-from gptlab import train as train_cli
+from gptlab.cli import train as train_cli
+from gptlab.tracking import store
 
 # dropout on, so a resumed run must also continue the global random streams; every step
 # logged; a checkpoint every 4 steps besides the validations at 10, 20 and the last step, 25

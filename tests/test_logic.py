@@ -11,11 +11,16 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from gptlab import CONF_DIR, checkpoints, checks, compare, comparison, sweeps
+from gptlab import CONF_DIR
+from gptlab.cli import compare
 from gptlab.errors import GptlabError, StopRequested, describe, exit_code, hydra_message
-from gptlab.recorder import RunLogger
-from gptlab.resume import RESUME_SAFE, resume_overrides
-from gptlab.schedule import LRSchedule, Steps
+from gptlab.models import checkpoints
+from gptlab.run import checks
+from gptlab.run.resume import RESUME_SAFE, resume_overrides
+from gptlab.run.schedule import LRSchedule, Steps
+from gptlab.sweeps import multirun
+from gptlab.tracking import comparison
+from gptlab.tracking.recorder import RunLogger
 
 
 def train_cfg(*overrides: str):
@@ -82,15 +87,15 @@ def test_resume_safe_keys_never_include_what_is_trained():
 
 def test_sweep_child_names_come_from_the_varied_values():
     overrides = ["model=gpt", "optim.lr=0.003", "trainer.max_steps=20", "+callbacks.x.y=1"]
-    assert sweeps.child_name(["model", "optim.lr"], overrides) == "gpt lr=0.003"
-    assert sweeps.child_name(["data.block_size"], overrides) is None
+    assert multirun.child_name(["model", "optim.lr"], overrides) == "gpt lr=0.003"
+    assert multirun.child_name(["data.block_size"], overrides) is None
 
 
 def test_sweep_varied_keys_from_overrides_and_search_space():
     cfg = OmegaConf.create({"hydra": {
         "overrides": {"task": ["optim.lr=1e-3,3e-3", "model.n_layer=2", "seed=range(0,3)"]},
         "sweeper": {"params": {"model.dropout": "interval(0, 0.3)", "optim.lr": "x"}}}})
-    assert sweeps.varied_keys(cfg) == ["optim.lr", "seed", "model.dropout"]
+    assert multirun.varied_keys(cfg) == ["optim.lr", "seed", "model.dropout"]
 
 
 # --- compare ----------------------------------------------------------------------------------

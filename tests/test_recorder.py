@@ -11,7 +11,7 @@ import requests
 from mlflow.entities import Metric
 
 from gptlab.errors import GptlabError
-from gptlab.recorder import Recorder, StoreAway
+from gptlab.tracking.recorder import Recorder, StoreAway
 
 
 class FakeClient:

@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, TINY_GPT, cli_env, run_cli, store_uri
-from gptlab import train as train_cli
+from gptlab.cli import train as train_cli
 
 # dropout on, so the resumed run must also continue the global random streams
 EXACT = [*TINY_GPT, "model.dropout=0.1", "optim.decay_steps=20", "trainer.val_check_interval=5",

@@ -24,7 +24,7 @@ from conftest import (
     store_uri,
     wait_until,
 )
-from gptlab.logged_model import load
+from gptlab.tracking.logged_model import load
 
 NAME = "tiny-shakespeare"
 PROMPT_PARAMS = {"max_new_tokens": 40, "seed": 1}

@@ -25,7 +25,7 @@ from conftest import (
     store_uri,
     wait_until,
 )
-from gptlab import store
+from gptlab.tracking import store
 
 
 def steps_of(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:

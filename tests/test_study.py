@@ -11,8 +11,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from conftest import BIN, TINY_GPT, cli_env, one_line_error, run_cli, runs_in, store_uri
-from gptlab import study as studies
 from gptlab.errors import GptlabError
+from gptlab.sweeps import study as studies
 
 SEARCH = ["hparams_search=lr_dropout_optuna", *TINY_GPT, "logger.experiment_name=search"]
 

@@ -14,8 +14,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, TINY_GPT, cli_env, run_cli, store_uri
-from gptlab import compare as compare_cli
-from gptlab import comparison
+from gptlab.cli import compare as compare_cli
+from gptlab.tracking import comparison
 
 SWEEP = [o for o in TINY_GPT if not o.startswith(("model.n_embd", "model.n_head"))]
 

@@ -24,7 +24,7 @@ from conftest import (
     record_of,
     run_cli,
 )
-from gptlab import server as server_cli
+from gptlab.cli import server as server_cli
 
 # dropout on, every step logged, a checkpoint every 4 steps besides the validations at 10, 20
 # and 25: what tests/test_lifecycle.py compares interrupted runs with

@@ -9,10 +9,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_GPT, one_line_error, only_run, run_cli, runs_in, store_uri
-from gptlab import tokenizer as tokenizers
-from gptlab.comparison import compare
-from gptlab.data import score_windows
+from gptlab.data import tokenizer as tokenizers
+from gptlab.data.datamodule import score_windows
 from gptlab.errors import GptlabError
+from gptlab.tracking.comparison import compare
 
 BPE = ["data.tokenizer=bpe", "data.vocab_size=300"]
 
@@ -101,7 +101,7 @@ def test_compare_ranks_runs_of_different_tokenizers_by_bits_per_character(runs):
     assert out["bpe"]["best val/bpc"] > 0 and out["char"]["best val/bpc"] > 0
     client = MlflowClient(store_uri(tmp))
     both = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    from gptlab.comparison import default_metric
+    from gptlab.tracking.comparison import default_metric
 
     assert default_metric(both) == "val/bpc"
     assert default_metric([char_run]) == "val/loss"

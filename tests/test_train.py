@@ -7,11 +7,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_GPT, cli_env, run_cli, store_uri
-from gptlab import sample as sample_cli
-from gptlab.checkpoints import model_from_checkpoint, read_checkpoint
-from gptlab.generation import generate_text
+from gptlab.cli import sample as sample_cli
+from gptlab.data.tokenizer import CharTokenizer, from_checkpoint
+from gptlab.models.checkpoints import model_from_checkpoint, read_checkpoint
+from gptlab.models.generation import generate_text
 from gptlab.models.gpt import GPT
-from gptlab.tokenizer import CharTokenizer, from_checkpoint
 
 
 @pytest.fixture(scope="module")

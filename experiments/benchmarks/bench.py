@@ -27,8 +27,8 @@ from omegaconf import open_dict
 
 from gptlab import CONF_DIR
 from gptlab.models.gpt import GPT
-from gptlab.runs import Job, run_job
-from gptlab.train import build_lit, build_model, train
+from gptlab.run.record import Job, run_job
+from gptlab.run.training import build_lit, build_model, train
 
 RECIPES = {
     # name: (overrides, steps on CPU)

@@ -67,7 +67,7 @@ def prepare(keys: list[str]) -> dict:
 
 
 def _vocab(meta: dict) -> int:
-    from gptlab import tokenizer
+    from gptlab.data import tokenizer
 
     return tokenizer.from_spec(meta["tokenizer"]["kind"], meta["tokenizer"]["spec"]).vocab_size
 

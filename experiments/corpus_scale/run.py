@@ -13,7 +13,7 @@ size and tokenizer (characters; a byte-level BPE of 4,096 tokens):
 
 Then, on each prepared corpus, a 200-step run of the CPU recipe's model (4x4x128, block 64)
 through `gptlab-train`, against Tiny Shakespeare itself: the data set-up a second run pays
-before its first step (a fresh process timing `CharDataModule.setup()`), the median step
+before its first step (a fresh process timing `CorpusDataModule.setup()`), the median step
 time, and the run's peak resident memory. Last, a fresh cache shared by a 4-job parallel
 sweep and by 2 data-parallel ranks: how many processes tokenized the corpus.
 
@@ -152,11 +152,11 @@ def bare_bpe(path: Path, out: Path) -> None:
 
 def setup_seconds(path: Path, tokenizer: str, cache: Path) -> None:
     """Print how long a run's data set-up takes (imports done)."""
-    from gptlab.data import CharDataModule
+    from gptlab.data.datamodule import CorpusDataModule
 
     kw = {"tokenizer": "bpe", "vocab_size": 4096} if tokenizer.startswith("bpe") else {}
     t0 = time.perf_counter()
-    CharDataModule(path=str(path), cache_dir=str(cache), block_size=64, batch_size=12,
+    CorpusDataModule(path=str(path), cache_dir=str(cache), block_size=64, batch_size=12,
                    **kw).setup()
     print(f"setup {time.perf_counter() - t0:.3f}")
 
@@ -186,7 +186,7 @@ def prepare_both(path: Path, size: int, name: str, work: Path, bare_first: bool)
 
 
 def train_on(path: Path, name: str, cache: Path, steps: int) -> dict:
-    from gptlab import store
+    from gptlab.tracking import store
 
     setup = subprocess.run([sys.executable, __file__, "--setup", name, str(path), str(cache)],
                            capture_output=True, text=True, check=True).stdout
@@ -209,8 +209,8 @@ def gather_us(cache: Path, tokenizer: str, batches: int = 2000) -> dict:
     import numpy as np
     import torch
 
-    from gptlab import prepared
-    from gptlab.data import get_batch
+    from gptlab.data import prepared
+    from gptlab.data.datamodule import get_batch
 
     (folder,) = [f for f in prepared.folders(cache) if json.loads(
         (f / "meta.json").read_text())["tokenizer"]["kind"] == tokenizer.split()[0]]
@@ -229,7 +229,7 @@ def gather_us(cache: Path, tokenizer: str, batches: int = 2000) -> dict:
 
 
 def before_and_after(paths: dict[int, Path], old_src: Path, work: Path) -> dict:
-    """A first run's data set-up (`CharDataModule(...).setup()` on a fresh cache) by the code
+    """A first run's data set-up (`CorpusDataModule(...).setup()` on a fresh cache) by the code
     in `old_src` (gptlab before prepared corpora) and by this code, in turn, where the old
     code fits in memory: characters up to 100 MB, the BPE at 10 MB (at 100 MB it took over
     10 minutes and 18.3 GB)."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from gptlab import store
+from gptlab.tracking import store
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENT = "ddp_throughput"

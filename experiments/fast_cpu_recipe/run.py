@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from gptlab import store
-from gptlab.data import resolve_corpus
+from gptlab.data.datamodule import resolve_corpus
+from gptlab.tracking import store
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENT = "fast_cpu_recipe"

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from gptlab import store
+from gptlab.tracking import store
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENT = "lecture_progression"

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from gptlab import comparison, store
+from gptlab.tracking import comparison, store
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENT = "modern_ideas"

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from gptlab import store
-from gptlab.checkpoints import model_from_checkpoint, read_checkpoint
-from gptlab.data import resolve_corpus
+from gptlab.data.datamodule import resolve_corpus
+from gptlab.data.tokenizer import CharTokenizer
+from gptlab.models.checkpoints import model_from_checkpoint, read_checkpoint
 from gptlab.models.gpt import GPT
-from gptlab.tokenizer import CharTokenizer
+from gptlab.tracking import store
 
 HERE = Path(__file__).resolve().parent
 BLOCK = 64

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gptlab import store
-from gptlab.checkpoints import model_from_checkpoint, read_checkpoint
-from gptlab.data import resolve_corpus
-from gptlab.sample import checkpoint_name
-from gptlab.tokenizer import CharTokenizer
+from gptlab.cli.sample import checkpoint_name
+from gptlab.data.datamodule import resolve_corpus
+from gptlab.data.tokenizer import CharTokenizer
+from gptlab.models.checkpoints import model_from_checkpoint, read_checkpoint
+from gptlab.tracking import store
 
 HERE = Path(__file__).resolve().parent
 POLICIES = [("slide", False), ("half", True), ("shift", True)]  # (window, kv_cache)

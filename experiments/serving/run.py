@@ -28,7 +28,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from gptlab import store
+from gptlab.tracking import store
 
 HERE = Path(__file__).resolve().parent
 

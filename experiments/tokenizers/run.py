@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from gptlab import comparison, store
+from gptlab.tracking import comparison, store
 
 BASE_STEPS = 2000  # the char recipe's; --base-steps to spend less time
 
@@ -70,7 +70,7 @@ def ms_per_step(study: Study, client: MlflowClient, name: str, overrides: list[s
     return 1000 * 12 * 64 / statistics.median(speeds[2:])  # past the first interval's warm-up
 
 
-def data_module(study: Study, overrides: list[str]):  # noqa: ANN201 - a CharDataModule
+def data_module(study: Study, overrides: list[str]):  # noqa: ANN201 - a CorpusDataModule
     """The data module a run of the study sets up (its corpus already prepared)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate

@@ -3,7 +3,7 @@
 Hydra's own Optuna plugin pins Optuna below 3, whose database storage predates SQLAlchemy 2
 (which MLflow brings), so a study cannot be shared through a database with it. This sweeper
 drives Optuna 4+ through its ask-and-tell API: it claims trials of a study that other
-processes may share (gptlab/study.py), launches them through the configured Hydra launcher,
+processes may share (gptlab/sweeps/study.py), launches them through the configured Hydra launcher,
 and tells Optuna each trial's result. It lives here because Hydra loads plugins only from the
 `hydra_plugins` namespace; optuna is imported when a search starts, not when Hydra scans
 plugins at every start-up.
@@ -40,9 +40,9 @@ class StudySweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> list[Any]:
-        from gptlab import study as studies
-        from gptlab import sweeps
         from gptlab.errors import GptlabError
+        from gptlab.sweeps import multirun
+        from gptlab.sweeps import study as studies
 
         if not (isinstance(self.n_trials, int) and self.n_trials >= 1):
             raise GptlabError(f"hydra.sweeper.n_trials must be a whole number >= 1, not "
@@ -67,7 +67,7 @@ class StudySweeper(Sweeper):
                 return studies.running(study, besides=mine) > 0
 
         if parent is not None:
-            sweeps.share_parent(parent, others_go_on)
+            multirun.share_parent(parent, others_go_on)
         study.sampler = self._sampler(place)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 def check_sample_config(cfg: DictConfig) -> None:
-    from gptlab import checks
     from gptlab.models import check_sampling_args, check_window
+    from gptlab.run import checks
 
     check_sampling_args(cfg.temperature, cfg.top_k)
     check_window(cfg.window, 1)
@@ -55,8 +55,9 @@ def check_device(device: str) -> None:
 def checkpoint_name(client: MlflowClient, run: Run, which: str) -> str:
     """`which` as one of the run's checkpoint files: `best.ckpt` (the one its
     `gptlab.best_checkpoint` tag names), `newest`, or a file name."""
-    from gptlab import checkpoints, store
-    from gptlab.callbacks import BEST_TAG
+    from gptlab.models import checkpoints
+    from gptlab.run.callbacks import BEST_TAG
+    from gptlab.tracking import store
 
     run_id = run.info.run_id
     names = store.artifact_names(client, run_id, "checkpoints")
@@ -75,7 +76,7 @@ def checkpoint_name(client: MlflowClient, run: Run, which: str) -> str:
 
 
 def find_run(client: MlflowClient, run_id: str, experiment: str) -> Run:
-    from gptlab import store
+    from gptlab.tracking import store
 
     if run_id != "latest":
         return store.get_run(client, run_id)
@@ -89,7 +90,8 @@ def find_run(client: MlflowClient, run_id: str, experiment: str) -> Run:
 def open_checkpoint(cfg: DictConfig, tool: str) -> tuple[dict, Run | None, MlflowClient | None]:
     """The checkpoint `cfg` names (`checkpoint=`, or `run_id=` and `which=`), its run and
     the run's store; says on stderr which one it is."""
-    from gptlab import checkpoints, store
+    from gptlab.models import checkpoints
+    from gptlab.tracking import store
 
     run = client = None
     with store.scratch() as scratch:
@@ -122,7 +124,7 @@ def sample(cfg: DictConfig) -> list[str]:
 
 def sample_model(cfg: DictConfig) -> list[str]:
     """From a logged or registered MLflow model (model=models:/<name>@<alias>)."""
-    from gptlab import logged_model, store
+    from gptlab.tracking import logged_model, store
 
     uri = str(cfg.model)
     if cfg.checkpoint:
@@ -141,9 +143,9 @@ def sample_model(cfg: DictConfig) -> list[str]:
 
 def sample_checkpoint(cfg: DictConfig) -> list[str]:
     """From a run's checkpoint (run_id=, which=) or a checkpoint file (checkpoint=)."""
-    from gptlab import checkpoints
-    from gptlab import tokenizer as tokenizers
-    from gptlab.generation import generate_text
+    from gptlab.data import tokenizer as tokenizers
+    from gptlab.models import checkpoints
+    from gptlab.models.generation import generate_text
 
     ckpt, _, _ = open_checkpoint(cfg, "gptlab-sample")
     info = ckpt["gptlab"]

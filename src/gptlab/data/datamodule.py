@@ -1,4 +1,4 @@
-"""The LightningDataModule: a corpus prepared into memory-mapped tokens (gptlab.prepared),
+"""The LightningDataModule: a corpus prepared into memory-mapped tokens (gptlab.data.prepared),
 random training blocks gathered from them, the fixed validation blocks, and the validation
 characters every run is scored on in bits per character."""
 
@@ -14,11 +14,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from gptlab import corpus, prepared
-from gptlab import tokenizer as tokenizers
+from gptlab.data import corpus, prepared
+from gptlab.data import tokenizer as tokenizers
+from gptlab.data.prepared import Prepared, Tokens
+from gptlab.data.tokenizer import Tokenizer
 from gptlab.errors import GptlabError
-from gptlab.prepared import Prepared, Tokens
-from gptlab.tokenizer import Tokenizer
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -146,9 +146,9 @@ def score_windows(ids: list[int], block_size: int, stride: int
     return torch.stack(xs), torch.stack(ys)
 
 
-class CharDataModule(pl.LightningDataModule):
-    """A corpus (gptlab.corpus: a text file, a folder or glob, JSON Lines, Parquet, a Hugging
-    Face dataset), tokenized once into memory-mapped token files (gptlab.prepared) that every
+class CorpusDataModule(pl.LightningDataModule):
+    """A corpus (gptlab.data.corpus: a text file, a folder or glob, JSON Lines, Parquet, a Hugging
+    Face dataset), tokenized once into memory-mapped token files (gptlab.data.prepared) that every
     run on it shares, and random blocks drawn from them.
 
     A single text file is one document split by characters (the first `train_frac` of them

@@ -21,12 +21,19 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab import comparison, store
+from gptlab import files
 from gptlab.console import log
 from gptlab.errors import BAD_INPUT, GptlabError, StopRequested, describe
-from gptlab.runs import Outcome, SweepJob, overrides_name
+from gptlab.run.record import Outcome, SweepJob, overrides_name
+from gptlab.tracking import comparison, store
 
 SWEEP_FILE = ".gptlab_sweep.json"
+SWEEPER_TARGET = "hydra_plugins.gptlab_study_sweeper.StudySweeper"
+
+
+def is_study(config: Any) -> bool:
+    """Whether a multirun is an Optuna study run by gptlab's sweeper."""
+    return str(config.hydra.sweeper.get("_target_", "")) == SWEEPER_TARGET
 
 
 @dataclass
@@ -184,7 +191,7 @@ def open_parent(config: DictConfig, study: str | None = None, run_id: str | None
     _open_parents[run_id] = client.tracking_uri
     # processes sharing a study share the folder: a job of one may read the file while
     # another process writes it
-    store.write_atomic(Path(config.hydra.sweep.dir) / SWEEP_FILE, json.dumps(
+    files.write_atomic(Path(config.hydra.sweep.dir) / SWEEP_FILE, json.dumps(
         {"parent_run_id": run_id, "varied": keys, "tracking_uri": client.tracking_uri,
          "study": study}))
     return run_id, client.tracking_uri
@@ -205,9 +212,7 @@ def share_parent(parent_run_id: str, others_go_on: Callable[[], bool]) -> None:
 
 class SweepRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from gptlab import study
-
-        if not study.is_study(config):  # a study's sweeper finds or opens its parent
+        if not is_study(config):  # a study's sweeper finds or opens its parent
             open_parent(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -6,7 +6,7 @@ as a plot of their validation-loss curves.
     gptlab-compare --sweep latest                    # the children of the newest sweep
     gptlab-compare --sweep latest --by model.pos_emb --baseline pos_emb=learned
 
-MLflow is imported once the arguments are read (gptlab.comparison), so that --help and a
+MLflow is imported once the arguments are read (gptlab.tracking.comparison), so that --help and a
 wrong argument answer at once.
 """
 
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.plot:
         check_plot_path(args.plot)
-    from gptlab.comparison import compare
+    from gptlab.tracking.comparison import compare
 
     compare(args.experiment, args.sweep, args.plot, args.tracking_uri, args.by, args.baseline,
             args.metric)

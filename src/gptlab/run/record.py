@@ -22,11 +22,11 @@ from mlflow.entities import Dataset
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab import store
 from gptlab.errors import GptlabError, StopRequested, describe, exit_code
-from gptlab.recorder import SPOOL_NAME, Recorder
-from gptlab.resume import JOB_KEY_TAG, LOCAL_DIR_TAG, Resume, job_key, last_recorded_steps
-from gptlab.signals import StopSignals
+from gptlab.run.resume import JOB_KEY_TAG, LOCAL_DIR_TAG, Resume, job_key, last_recorded_steps
+from gptlab.run.signals import StopSignals
+from gptlab.tracking import store
+from gptlab.tracking.recorder import SPOOL_NAME, Recorder
 
 FINISHED, KILLED, FAILED = "FINISHED", "KILLED", "FAILED"
 

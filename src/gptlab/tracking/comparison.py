@@ -1,7 +1,7 @@
 """Runs side by side: which runs, the params that differ, their figures, groups of repeated
 runs with their statistics, a table and a plot. Reads through MLflow's client API only, so it
 works against a remote tracking server as well as the embedded store. The command line is
-gptlab.compare.
+gptlab.cli.compare.
 
 Runs that differ only in `seed` (or agree on the keys named with `--by`) form a group. A
 group shows how many runs it has, the mean and standard deviation of their best and final
@@ -21,8 +21,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from gptlab import store
 from gptlab.errors import GptlabError
+from gptlab.tracking import store
 
 # params that say where or how a run was recorded, not what it trained
 _NOT_COMPARED = ("logger.", "hydra.", "callbacks.", "trainer.enable_", "resume",

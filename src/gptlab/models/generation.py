@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gptlab.data.tokenizer import Tokenizer
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import Tokenizer
 
 
 def generate_text(model: nn.Module, tok: Tokenizer, prompt: str, max_new_tokens: int,

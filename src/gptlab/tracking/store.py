@@ -7,7 +7,6 @@ remote tracking server works as well as the embedded SQLite store under mlruns/.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
+from filelock import FileLock
 from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from gptlab import project_root
 from gptlab.errors import GptlabError, first_line
+from gptlab.files import check_writable, file_lock, try_lock
 
 # MLflow's own progress bars for downloads are noise in a training log; a user's setting wins
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -81,36 +82,6 @@ def use_quick_http_defaults() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
-    """An exclusive lock between processes on this machine, released when the holder ends,
-    however it ends. `waiting` is called once where another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting is not None:
-                waiting()
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file whole or not at all: under a name of this process's own, then
-    renamed, so another process never reads half of it, and two writing at once never mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _lock_dir(uri: str) -> Path:
     db = sqlite_path(uri)
     if db is not None:
@@ -125,24 +96,16 @@ class RunLock:
 
     def __init__(self, uri: str, run_id: str):
         self.path = _lock_dir(uri) / f"{run_id}.lock"
-        self._file = None
+        self._lock: FileLock | None = None
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a")  # noqa: SIM115 - held open while the lock is held
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            return False
-        self._file = f
-        return True
+        self._lock = try_lock(self.path)
+        return self._lock is not None
 
     def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def run_lock_held(uri: str, run_id: str) -> bool:
@@ -154,18 +117,6 @@ def run_lock_held(uri: str, run_id: str) -> bool:
         lock.release()
         return False
     return True
-
-
-def check_writable(folder: Path, what: str = "the MLflow store at") -> None:
-    """Make the folder and write and remove a file in it: permissions alone do not tell
-    (root, read-only mounts). `what` names the folder in the error."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".gptlab-probe-"):
-            pass
-    except OSError as e:
-        raise GptlabError(f"{what} {folder} cannot be written: "
-                          f"{e.strerror or first_line(e)}") from None
 
 
 def connect(uri: str | None = None) -> MlflowClient:
@@ -182,8 +133,8 @@ def connect(uri: str | None = None) -> MlflowClient:
         client = MlflowClient(tracking_uri=uri)
         _first_look(client, uri)
         return client
-    check_writable(db.parent)
-    check_writable(db.parent / "artifacts")
+    check_writable(db.parent, "the MLflow store at")
+    check_writable(db.parent / "artifacts", "the MLflow store at")
     # a client of a new database creates its tables as it is made; two processes starting at
     # once would both try, and one would fail
     with file_lock(db.with_name(db.name + ".lock")):

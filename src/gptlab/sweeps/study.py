@@ -26,23 +26,19 @@ from urllib.parse import urlparse
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 
-from gptlab import project_root, store, sweeps
+from gptlab import files, project_root
 from gptlab.errors import GptlabError
+from gptlab.sweeps import multirun
+from gptlab.tracking import store
 
 if TYPE_CHECKING:
     import optuna
     from optuna.distributions import BaseDistribution
 
-SWEEPER_TARGET = "hydra_plugins.gptlab_study_sweeper.StudySweeper"
 SPACE_ATTR = "gptlab.search_space"  # the study's search space, to refuse a different one
 PROCESSES_ATTR = "gptlab.processes"  # how many processes joined: each seeds its sampler apart
 INTERRUPTED_ATTR = "gptlab.interrupted"  # a trial stopped by a signal: to be run again
 PARENT_ATTR = "gptlab.mlflow_parent"  # the study's parent run, per tracking store
-
-
-def is_study(config: Any) -> bool:
-    """Whether a multirun is an Optuna study run by gptlab's sweeper."""
-    return str(config.hydra.sweeper.get("_target_", "")) == SWEEPER_TARGET
 
 
 def distribution(key: str, value: str) -> BaseDistribution | None:
@@ -188,7 +184,7 @@ def lock(name: str, storage: str) -> Iterator[None]:
     process that shares the study: a file lock beside a SQLite file, an advisory lock (keyed
     by the study's name) in PostgreSQL."""
     if storage.startswith("sqlite"):
-        with store.file_lock(Path(storage.removeprefix("sqlite:///") + ".lock")):
+        with files.file_lock(Path(storage.removeprefix("sqlite:///") + ".lock")):
             yield
         return
     import sqlalchemy
@@ -212,7 +208,7 @@ def open_parent(study: optuna.Study, config: Any) -> str | None:
     one it will name (call under `lock`, so that processes starting together share one)."""
     parents = dict(study.user_attrs.get(PARENT_ATTR, {}))
     uri = store.resolve_tracking_uri(config.logger.tracking_uri)
-    opened = sweeps.open_parent(config, study=study.study_name, run_id=parents.get(uri))
+    opened = multirun.open_parent(config, study=study.study_name, run_id=parents.get(uri))
     if opened is None:
         return None
     run_id, _ = opened

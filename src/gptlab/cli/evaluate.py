@@ -56,8 +56,8 @@ def bits_per_char(model, tok, text: str, stride: int, batch_size: int, device: s
     import torch
     from tqdm import tqdm
 
-    from gptlab.data import score_windows
-    from gptlab.lit_module import summed_cross_entropy
+    from gptlab.data.datamodule import score_windows
+    from gptlab.run.lit_module import summed_cross_entropy
 
     block_size = model.block_size
     ids = tok.encode(text)  # a char vocabulary names the characters it lacks
@@ -78,8 +78,8 @@ def bits_per_char(model, tok, text: str, stride: int, batch_size: int, device: s
 
 
 def check_eval_config(cfg: DictConfig) -> None:
-    from gptlab import checks
-    from gptlab.sample import check_device
+    from gptlab.cli.sample import check_device
+    from gptlab.run import checks
 
     if cfg.stride is not None:
         checks.integer(cfg, "stride")
@@ -88,9 +88,9 @@ def check_eval_config(cfg: DictConfig) -> None:
 
 
 def evaluate(cfg: DictConfig) -> Score:
-    from gptlab import checkpoints
-    from gptlab import tokenizer as tokenizers
-    from gptlab.sample import open_checkpoint
+    from gptlab.cli.sample import open_checkpoint
+    from gptlab.data import tokenizer as tokenizers
+    from gptlab.models import checkpoints
 
     check_eval_config(cfg)
     text = read_text(str(cfg.text))

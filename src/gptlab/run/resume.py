@@ -19,9 +19,10 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab import checkpoints, store
 from gptlab.errors import GptlabError
-from gptlab.recorder import SPOOL_NAME
+from gptlab.models import checkpoints
+from gptlab.tracking import store
+from gptlab.tracking.recorder import SPOOL_NAME
 
 # what may change when a run is resumed: how long and how often, never what is trained
 RESUME_SAFE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from gptlab import files
 from gptlab.errors import GptlabError, exit_on_error, first_line
 
 # SQLAlchemy's plain `postgresql://` means psycopg2, which gptlab does not install; psycopg 3
@@ -92,10 +93,8 @@ def artifacts_destination(value: str) -> str:
     first upload."""
     if "://" in value:
         return value
-    from gptlab import store  # here: MLflow's import is for starting, not for --help
-
     folder = Path(value).expanduser().resolve()
-    store.check_writable(folder, "the artifacts folder")
+    files.check_writable(folder, "the artifacts folder")
     return str(folder)
 
 

@@ -1,10 +1,4 @@
-"""gptlab-train: train a model from the composed Hydra config and record it in MLflow.
-
-    gptlab-train                                   # nanoGPT's CPU recipe, a few minutes
-    gptlab-train model=bigram                      # any config group choice
-    gptlab-train experiment=shakespeare_char_cpu optim.lr=3e-3
-    gptlab-train resume=<run_id> trainer.max_steps=4000   # continue a logged run
-    gptlab-train -m model=bigram,gpt optim.lr=1e-3,3e-3   # a sweep
+"""A training's phases, for one job that `gptlab-train` (gptlab/cli/train.py) hands over.
 
 A run's life, in the order below: `setup` (check and build everything, nothing recorded yet),
 open or reopen the MLflow run, `fit`, `validate` the final weights, `final_sample`; `run_job`
@@ -17,37 +11,33 @@ import contextlib
 import json
 import logging
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from mlflow.entities import Dataset, Metric
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelSummary, ProgressBar
 
-from gptlab import CONF_DIR, checks, console, ddp, store, sweeps
-from gptlab import tokenizer as tokenizers
-from gptlab.callbacks import RunCheckpoints, sample_text
-from gptlab.checkpoints import check_matches, model_weights, read_checkpoint
 from gptlab.console import log
-from gptlab.data import CharDataModule
-from gptlab.errors import GptlabError, StopRequested, exit_on_error, report
-from gptlab.lit_module import LitLM
+from gptlab.data import tokenizer as tokenizers
+from gptlab.data.datamodule import CorpusDataModule
+from gptlab.errors import GptlabError, StopRequested
 from gptlab.models import class_path
-from gptlab.optim import check_optimizer
-from gptlab.recorder import RunLogger
-from gptlab.resume import ELASTIC_TAG, Resume, find_auto, prepare_resume
-from gptlab.runs import FINISHED, Job, Outcome, RunRecord, overrides_name, run_job
-from gptlab.schedule import Steps
-from gptlab.signals import StopSignals
+from gptlab.models.checkpoints import check_matches, model_weights
+from gptlab.run import checks, ddp
+from gptlab.run.callbacks import RunCheckpoints, sample_text
+from gptlab.run.lit_module import LitLM
+from gptlab.run.optim import check_optimizer
+from gptlab.run.record import FINISHED, Job, RunRecord
+from gptlab.run.resume import ELASTIC_TAG, Resume, find_auto, prepare_resume
+from gptlab.run.schedule import Steps
+from gptlab.run.signals import StopSignals
+from gptlab.tracking import store
+from gptlab.tracking.recorder import RunLogger
 
 # the `logger` group's own keys; any other entry with a _target_ is a Lightning logger
 MLFLOW_SETTINGS = ("tracking_uri", "experiment_name", "run_name", "enabled", "outage_timeout",
@@ -113,7 +103,7 @@ class Session:
     """Everything a run trains with, built and checked before the run is recorded."""
 
     cfg: DictConfig
-    dm: CharDataModule
+    dm: CorpusDataModule
     lit: LitLM
     trainer: pl.Trainer
     steps: Steps
@@ -136,7 +126,7 @@ def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for what autocast leaves fp32
-    dm: CharDataModule = checks.instantiate(cfg.data, "data")
+    dm: CorpusDataModule = checks.instantiate(cfg.data, "data")
     if resume is not None and resume.ckpt["gptlab"].get("tokenizer") == "bpe":
         # the run's own BPE, never trained again (characters are read off the corpus, and
         # a corpus that changed is caught below)
@@ -189,7 +179,7 @@ def open_run(s: Session, job: Job, record: RunRecord) -> None:
                 tokenizers.describe(s.dm.tokenizer), dataset_of(s.dm))
 
 
-def dataset_of(dm: CharDataModule) -> Dataset:
+def dataset_of(dm: CorpusDataModule) -> Dataset:
     """The prepared corpus as MLflow shows a run's dataset: its name, the prepared folder's
     key (the same for every run on the same tokens), where the corpus is, its sizes."""
     prep = dm.prepared
@@ -278,7 +268,7 @@ def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
 def log_model(s: Session, record: RunRecord) -> None:
     """The run's best weights as its MLflow model (and a registered version, if asked),
     once the recorder has stored the best checkpoint."""
-    from gptlab import logged_model
+    from gptlab.tracking import logged_model
 
     recorder = record.recorder
     if not recorder.drain(recorder.outage_timeout):
@@ -335,25 +325,6 @@ def start_ranks(s: Session, job: Job, stop: StopSignals) -> ddp.Ranks:
     return ranks
 
 
-def follow(plan: ddp.Plan, plan_path: Path, rank: int) -> None:
-    """A rank > 0 of a data-parallel training: rank 0's trainer, trained and validated in
-    step with it. Nothing is recorded here: rank 0 records the run."""
-    cfg = OmegaConf.create(plan.cfg)
-    job = Job(cfg=cfg, overrides=[], output_dir=Path(plan.output_dir), command="",
-              run_name="")
-    resume = None
-    if plan.ckpt_path is not None:
-        path = Path(plan.ckpt_path)
-        resume = Resume(run=None, cfg=cfg, ckpt_path=path, ckpt=read_checkpoint(path))
-    if plan.master_port is not None:
-        ddp.own_store_environment(plan.master_port)
-    with StopSignals(quiet=True) as stop:
-        s = setup(cfg, job, RunRecord(job), stop, resume)
-        ddp.mark_ready(plan_path, rank, plan.attempt)
-        fit(s)
-        validate(s)
-
-
 def announce(s: Session, record: RunRecord) -> None:
     device = "GPU" if s.trainer.accelerator.__class__.__name__.startswith("CUDA") else "CPU"
     log.info(f"gptlab: {s.info['model_class'].rsplit('.', 1)[-1]} with {s.n_params:,} "
@@ -362,87 +333,3 @@ def announce(s: Session, record: RunRecord) -> None:
              + (f" in {s.trainer.world_size} processes (DDP)" if s.trainer.world_size > 1 else "")
              + (f", MLflow run {record.run_id}" if record.run_id else "")
              + (f", resumed from step {s.resume.step}" if s.resume else ""))
-
-
-def job_from_hydra(cfg: DictConfig) -> Job:
-    """What the rest of a job needs from Hydra, read once."""
-    hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
-    sweep = None
-    console.set_sweep(hc.mode == RunMode.MULTIRUN)
-    if hc.mode == RunMode.MULTIRUN:
-        sweep = sweeps.sweep_job(Path(hc.sweep.dir), overrides, hc.job.num)
-    choices = hc.runtime.choices
-    name = (cfg.logger.get("run_name") or (sweep.name if sweep and sweep.name else None)
-            or (None if sweep else overrides_name(overrides))
-            or choices.get("experiment") or choices.get("model") or "run")
-    return Job(cfg=cfg, overrides=overrides, output_dir=Path(hc.runtime.output_dir),
-               command=" ".join(["gptlab-train", *sys.argv[1:]]), run_name=str(name),
-               sweep=sweep)
-
-
-def finish(job: Job, outcome: Outcome) -> None:
-    """Tell the user how a single run ended."""
-    if outcome.status == FINISHED:
-        print("\n--- sample ---")
-        print(outcome.sample)
-        print("--------------")
-        print(f"best val/loss {outcome.best:.4f}")
-        if outcome.run_id:
-            print(f"MLflow run id: {outcome.run_id}  "
-                  f"(sample again: gptlab-sample run_id={outcome.run_id})")
-            print(f"in the MLflow UI: {outcome.url}")
-    for note in outcome.notes:
-        print(f"gptlab: {note}", file=sys.stderr)
-    if outcome.error is not None:
-        report(outcome.error, log_file=job.output_dir / "gptlab-train.log")
-        if outcome.status == "KILLED":
-            print("gptlab: stopped" + (f"; continue with: gptlab-train resume={outcome.run_id}"
-                                       if outcome.run_id else " before the run started"),
-                  file=sys.stderr)
-
-
-_outcomes: list[Outcome] = []
-
-
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def _task(cfg: DictConfig) -> float:
-    job = job_from_hydra(cfg)
-    rank = ddp.launched_rank()
-    if rank:  # torchrun's or SLURM's rank > 0 of a data-parallel job: rank 0 records the run
-        plan_path = job.output_dir / ddp.PLAN
-        follow(ddp.wait_for_plan(plan_path), plan_path, rank)
-        return math.nan
-    if job.sweep is not None:
-        sweeps.report_start(job.sweep)
-    outcome = run_job(job, lambda record, stop: train(job, record, stop))
-    _outcomes.append(outcome)
-    if job.sweep is None:
-        finish(job, outcome)
-        return outcome.best
-    sweeps.report_job(job.sweep, outcome)
-    if outcome.status == "KILLED":
-        # a stop signal stops the sweep, not only this job
-        sweeps.end_parent(job.sweep.parent_run_id, "KILLED")
-        raise SystemExit(outcome.exit_code)
-    return outcome.best if outcome.status == FINISHED else math.nan
-
-
-@exit_on_error
-def main() -> int:
-    console.line_buffered()
-    sweeps.check_launcher(sys.argv[1:])
-    sys.argv += ddp.launched_overrides(sys.argv[1:])  # torchrun's ranks: one output folder
-    _outcomes.clear()
-    try:
-        _task()
-    except BaseException as e:
-        sweeps.end_open_parents(e)
-        raise
-    if sweeps.results:
-        return sweeps.results[-1].exit_code
-    return _outcomes[-1].exit_code if _outcomes else 0
-
-
-if __name__ == "__main__":
-    main()

@@ -16,11 +16,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.ddp import check_devices
 from gptlab.errors import GptlabError, gptlab_cause
 from gptlab.models import check_sampling_args, check_window
-from gptlab.optim import OPTIMIZERS
-from gptlab.schedule import SCHEDULES
+from gptlab.run.ddp import check_devices
+from gptlab.run.optim import OPTIMIZERS
+from gptlab.run.schedule import SCHEDULES
 
 
 def _number(value: Any) -> bool:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptlab.optim import build_optimizer
-from gptlab.schedule import LRSchedule
+from gptlab.run.optim import build_optimizer
+from gptlab.run.schedule import LRSchedule
 
 
 def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor

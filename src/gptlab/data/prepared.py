@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gptlab import store
-from gptlab import tokenizer as tokenizers
+from gptlab import files
 from gptlab.console import log, on_terminal
-from gptlab.corpus import Source, name_hash
+from gptlab.data import tokenizer as tokenizers
+from gptlab.data.corpus import Source, name_hash
+from gptlab.data.tokenizer import CharTokenizer, Tokenizer
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import CharTokenizer, Tokenizer
 
 FORMAT = 1
 MAGIC = b"GPTLABTK"
@@ -287,29 +287,29 @@ def prepare(source: Source, recipe: Recipe, cache_dir: Path,
     `given` is a tokenizer to use instead of building one (a resumed run's); `check` is
     called as the corpus is read, to stop a prepare by raising (a run's Ctrl-C)."""
     rule = recipe.split_rule(source.single_document)
-    files = [FORMAT, source.kind, source.text_field, source.on_bad_document, source.stamp(),
+    stamp = [FORMAT, source.kind, source.text_field, source.on_bad_document, source.stamp(),
              rule]  # the corpus's files stat'ed once: a corpus may have thousands
     tok_rule = ["given", hashlib.sha256(given.spec.encode()).hexdigest()] if given \
         else recipe.tokenizer_rule()
-    fingerprint = _hash([*files, tok_rule])
+    fingerprint = _hash([*stamp, tok_rule])
     if given is not None:
         # the corpus prepared for the run's own recipe holds the same tokenizer, mostly
-        own = _found(cache_dir, _hash([*files, recipe.tokenizer_rule()]), given)
+        own = _found(cache_dir, _hash([*stamp, recipe.tokenizer_rule()]), given)
         if own is not None:
             return own
     found = _found(cache_dir, fingerprint, given)
     if found is not None:
         return found
     root = corpora_dir(cache_dir)
-    store.check_writable(root, "the corpus cache (data.cache_dir)")
+    files.check_writable(root, "the corpus cache (data.cache_dir)")
     lock = root / "locks" / f"{fingerprint[:32]}.lock"
-    with store.file_lock(lock, waiting=lambda: log.info(
+    with files.file_lock(lock, waiting=lambda: log.info(
             f"gptlab: waiting for another process preparing {source.describe()}")):
         found = _found(cache_dir, fingerprint, given)
         if found is not None:
             return found
         prep = _make(source, recipe, rule, root, given, check)
-        store.write_atomic(_index_path(cache_dir, fingerprint),
+        files.write_atomic(_index_path(cache_dir, fingerprint),
                            json.dumps({"folder": prep.folder.name}))
         return prep
 

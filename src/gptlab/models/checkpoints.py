@@ -1,4 +1,4 @@
-"""Checkpoint files: their names, writing them whole, reading them safely, and rebuilding the
+"""Checkpoint files: their names, reading them safely, and rebuilding the
 model a checkpoint describes.
 
 A gptlab checkpoint is a Lightning checkpoint with a `gptlab` entry of plain values: the model
@@ -8,13 +8,11 @@ class and its arguments, the vocabulary, the step and the last validated step. I
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -37,22 +35,6 @@ def step_of(name: str) -> int | None:
 def step_names(names: list[str]) -> list[str]:
     """The step checkpoints among `names`, oldest first."""
     return sorted((n for n in names if step_of(n) is not None), key=step_of)
-
-
-def save_atomic(trainer: pl.Trainer, path: Path) -> None:
-    """Write to a temporary name and rename, so the file at `path` is always complete. Every
-    rank of a data-parallel training calls this (Lightning's save waits for all of them);
-    rank 0 writes the file and alone touches it."""
-    if not trainer.is_global_zero:
-        trainer.save_checkpoint(path.with_name(f".{path.name}.tmp"), weights_only=False)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        trainer.save_checkpoint(tmp, weights_only=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ running the command line again; under Hydra that re-runs the whole sweep inside 
 sweep, and each copy would open a run of its own. gptlab starts them itself, as torchrun
 would: rank 0 is the `gptlab-train` process, which checks the config, opens the MLflow run and
 writes a plan (the resolved config and the checkpoint to start from) into the job's output
-folder; ranks 1..N-1 are `python -m gptlab.ddp PLAN` processes that build the same trainer
+folder; ranks 1..N-1 are `python -m gptlab.run.rank PLAN` processes that build the same trainer
 from the plan, train and validate in step with rank 0, and never touch the store. Lightning
 finds the ranks in the environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, NODE_RANK,
 LOCAL_RANK) and launches nothing.
@@ -47,7 +47,7 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from gptlab import store
+from gptlab import files
 from gptlab.console import log
 from gptlab.errors import GptlabError
 
@@ -228,7 +228,7 @@ class Plan:
 
     def write(self, path: Path) -> None:
         # a waiting rank never reads half a plan
-        store.write_atomic(path, json.dumps(self.__dict__, indent=1))
+        files.write_atomic(path, json.dumps(self.__dict__, indent=1))
 
     @classmethod
     def read(cls, path: Path) -> Plan:
@@ -294,7 +294,7 @@ class Ranks:
                        OMP_NUM_THREADS=str(torch.get_num_threads()))
             with open(log, "w") as out:
                 self.procs[rank] = subprocess.Popen(
-                    [sys.executable, "-m", "gptlab.ddp", str(self.plan_path)], env=env,
+                    [sys.executable, "-m", "gptlab.run.rank", str(self.plan_path)], env=env,
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             self.logs[rank] = log
 
@@ -392,23 +392,3 @@ def wait_for_plan(path: Path, timeout: float = PLAN_TIMEOUT) -> Plan:
         if time.monotonic() > deadline:
             raise GptlabError(f"rank 0 wrote no plan at {path} within {timeout:.0f} s")
         time.sleep(0.5)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m gptlab.ddp PLAN`: one rank > 0 of a training that rank 0 started."""
-    from gptlab.errors import describe, exit_code
-    from gptlab.train import follow
-
-    argv = sys.argv[1:] if argv is None else argv
-    plan_path = Path(argv[0])
-    exit_with_parent()
-    try:
-        follow(Plan.read(plan_path), plan_path, int(os.environ["RANK"]))
-    except BaseException as e:  # noqa: BLE001 - rank 0 reports it; one line in this rank's log
-        print(f"error: {describe(e)}", flush=True)
-        return exit_code(e)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

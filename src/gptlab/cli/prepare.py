@@ -51,7 +51,7 @@ def summary(prep) -> str:
 def list_cache(cache_dir: Path) -> None:
     import json
 
-    from gptlab import prepared
+    from gptlab.data import prepared
 
     found = list(prepared.folders(cache_dir))
     if not found:
@@ -82,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from gptlab import CONF_DIR, prepared
-    from gptlab.data import default_cache_dir
+    from gptlab import CONF_DIR
+    from gptlab.data import prepared
+    from gptlab.data.datamodule import default_cache_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=list(args.overrides))

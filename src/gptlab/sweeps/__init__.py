@@ -1,0 +1,1 @@
+"""Hydra multiruns as MLflow parent runs, and Optuna studies shared between processes."""
