@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab.data import datamodule
+from gptlab.data import corpus as corpus_module
 from gptlab.data.datamodule import CorpusDataModule, get_batch
 from gptlab.data.tokenizer import CharTokenizer
 from gptlab.errors import GptlabError
@@ -27,7 +27,7 @@ def test_unknown_characters_are_named():
 
 
 def test_real_corpus_checksum_and_split_sizes(corpus):
-    assert hashlib.sha256(corpus.read_bytes()).hexdigest() == datamodule.TINY_SHAKESPEARE_SHA256
+    assert hashlib.sha256(corpus.read_bytes()).hexdigest() == corpus_module.TINY_SHAKESPEARE_SHA256
     dm = CorpusDataModule(path=str(corpus), block_size=8, batch_size=4)
     dm.setup()
     assert dm.vocab_size == 65
@@ -87,21 +87,21 @@ def test_missing_corpus(tmp_path):
 
 
 def test_offline_without_file_names_url_and_options(tmp_path, monkeypatch):
-    monkeypatch.delenv(datamodule.DATA_ENV, raising=False)
+    monkeypatch.delenv(corpus_module.DATA_ENV, raising=False)
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(GptlabError) as e:
-        datamodule.resolve_corpus(None, cache_dir=str(tmp_path))
-    assert datamodule.TINY_SHAKESPEARE_URL in str(e.value)
+        corpus_module.resolve_corpus(None, cache_dir=str(tmp_path))
+    assert corpus_module.TINY_SHAKESPEARE_URL in str(e.value)
     assert "data.path" in str(e.value) and "GPTLAB_DATA" in str(e.value)
     assert not list(tmp_path.rglob("*.part"))
 
 
 def test_download_is_verified_and_cached(tmp_path, monkeypatch, corpus):
-    monkeypatch.delenv(datamodule.DATA_ENV, raising=False)
+    monkeypatch.delenv(corpus_module.DATA_ENV, raising=False)
     calls = []
 
     class Response:
@@ -119,10 +119,10 @@ def test_download_is_verified_and_cached(tmp_path, monkeypatch, corpus):
         return Response()
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    p1 = datamodule.resolve_corpus(None, cache_dir=str(tmp_path))
-    p2 = datamodule.resolve_corpus(None, cache_dir=str(tmp_path))
+    p1 = corpus_module.resolve_corpus(None, cache_dir=str(tmp_path))
+    p2 = corpus_module.resolve_corpus(None, cache_dir=str(tmp_path))
     assert p1 == p2 and Path(p1).read_bytes() == corpus.read_bytes()
-    assert calls == [datamodule.TINY_SHAKESPEARE_URL]
+    assert calls == [corpus_module.TINY_SHAKESPEARE_URL]
 
 
 @pytest.mark.parametrize("kw", [{"block_size": 0}, {"batch_size": -1}, {"train_frac": 1.5}])

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY_GPT, one_line_error, only_run, run_cli, runs_in, store_uri
 from gptlab.data import tokenizer as tokenizers
-from gptlab.data.datamodule import score_windows
+from gptlab.data.windows import score_windows
 from gptlab.errors import GptlabError
 from gptlab.tracking.comparison import compare
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from gptlab.data.datamodule import resolve_corpus
+from gptlab.data.corpus import resolve_corpus
 from gptlab.tracking import store
 
 HERE = Path(__file__).resolve().parent

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from gptlab.data.datamodule import resolve_corpus
+from gptlab.data.corpus import resolve_corpus
 from gptlab.data.tokenizer import CharTokenizer
 from gptlab.models.checkpoints import model_from_checkpoint, read_checkpoint
 from gptlab.models.gpt import GPT

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.cli.sample import checkpoint_name
-from gptlab.data.datamodule import resolve_corpus
+from gptlab.data.corpus import resolve_corpus
 from gptlab.data.tokenizer import CharTokenizer
 from gptlab.models.checkpoints import model_from_checkpoint, read_checkpoint
 from gptlab.tracking import store

@@ -3,7 +3,7 @@
     gptlab-eval run_id=<id> text=held_out.txt
     gptlab-eval checkpoint=path/to/step_002000.ckpt text=held_out.txt stride=16
 
-The text is read in windows of the model's block size (data.score_windows): every token but
+The text is read in windows of the model's block size (gptlab/data/windows.py): every token but
 the first is scored once, with at least block_size - stride tokens of context. The result is
 printed and, for a run, recorded on it as `eval/<name>/bpc` at the checkpoint's step, so runs
 compare on the user's own held-out text. torch and MLflow are imported when scoring starts.
@@ -56,8 +56,7 @@ def bits_per_char(model, tok, text: str, stride: int, batch_size: int, device: s
     import torch
     from tqdm import tqdm
 
-    from gptlab.data.datamodule import score_windows
-    from gptlab.run.lit_module import summed_cross_entropy
+    from gptlab.data.windows import score_windows, summed_cross_entropy
 
     block_size = model.block_size
     ids = tok.encode(text)  # a char vocabulary names the characters it lacks

@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from gptlab import CONF_DIR
     from gptlab.data import prepared
-    from gptlab.data.datamodule import default_cache_dir
+    from gptlab.data.corpus import default_cache_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=list(args.overrides))

@@ -56,7 +56,7 @@ def checkpoint_name(client: MlflowClient, run: Run, which: str) -> str:
     """`which` as one of the run's checkpoint files: `best.ckpt` (the one its
     `gptlab.best_checkpoint` tag names), `newest`, or a file name."""
     from gptlab.models import checkpoints
-    from gptlab.run.callbacks import BEST_TAG
+    from gptlab.models.checkpoints import BEST_TAG
     from gptlab.tracking import store
 
     run_id = run.info.run_id

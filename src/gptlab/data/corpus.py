@@ -13,6 +13,8 @@ import codecs
 import glob
 import hashlib
 import json
+import os
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,57 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 ON_BAD = ("error", "skip")
+
+
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DATA_ENV = "GPTLAB_DATA"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptlab"
+
+
+def resolve_corpus(path: str | None, cache_dir: str | None = None) -> str:
+    """The corpus: `path` (a file, folder or glob), else $GPTLAB_DATA, else Tiny
+    Shakespeare downloaded once."""
+    if path:
+        return str(path)
+    env = os.environ.get(DATA_ENV)
+    if env:
+        p = Path(env).expanduser()
+        if not p.exists():
+            raise GptlabError(f"corpus not found: {p} (set by ${DATA_ENV})")
+        return str(p)
+    return str(download_tiny_shakespeare(Path(cache_dir) if cache_dir else default_cache_dir()))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def download_tiny_shakespeare(cache_dir: Path) -> Path:
+    target = cache_dir / "tinyshakespeare" / "input.txt"
+    if target.is_file() and _sha256(target) == TINY_SHAKESPEARE_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as r:
+            tmp.write_bytes(r.read())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise GptlabError(
+            f"could not download Tiny Shakespeare from {TINY_SHAKESPEARE_URL} ({e}); "
+            f"download it by hand and pass data.path=FILE or set ${DATA_ENV}=FILE"
+        ) from None
+    if _sha256(tmp) != TINY_SHAKESPEARE_SHA256:
+        tmp.unlink()
+        raise GptlabError(f"checksum mismatch for the file downloaded from {TINY_SHAKESPEARE_URL}")
+    tmp.replace(target)
+    return target
 
 
 @dataclass(frozen=True)

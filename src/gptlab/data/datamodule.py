@@ -4,9 +4,6 @@ characters every run is scored on in bits per character."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,59 +13,11 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from gptlab.data import corpus, prepared
 from gptlab.data import tokenizer as tokenizers
+from gptlab.data.corpus import TINY_SHAKESPEARE_SHA256, default_cache_dir, resolve_corpus
 from gptlab.data.prepared import Prepared, Tokens
 from gptlab.data.tokenizer import Tokenizer
+from gptlab.data.windows import score_windows
 from gptlab.errors import GptlabError
-
-TINY_SHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
-TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-DATA_ENV = "GPTLAB_DATA"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptlab"
-
-
-def resolve_corpus(path: str | None, cache_dir: str | None = None) -> str:
-    """The corpus: `path` (a file, folder or glob), else $GPTLAB_DATA, else Tiny
-    Shakespeare downloaded once."""
-    if path:
-        return str(path)
-    env = os.environ.get(DATA_ENV)
-    if env:
-        p = Path(env).expanduser()
-        if not p.exists():
-            raise GptlabError(f"corpus not found: {p} (set by ${DATA_ENV})")
-        return str(p)
-    return str(download_tiny_shakespeare(Path(cache_dir) if cache_dir else default_cache_dir()))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def download_tiny_shakespeare(cache_dir: Path) -> Path:
-    target = cache_dir / "tinyshakespeare" / "input.txt"
-    if target.is_file() and _sha256(target) == TINY_SHAKESPEARE_SHA256:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
-    try:
-        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as r:
-            tmp.write_bytes(r.read())
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise GptlabError(
-            f"could not download Tiny Shakespeare from {TINY_SHAKESPEARE_URL} ({e}); "
-            f"download it by hand and pass data.path=FILE or set ${DATA_ENV}=FILE"
-        ) from None
-    if _sha256(tmp) != TINY_SHAKESPEARE_SHA256:
-        tmp.unlink()
-        raise GptlabError(f"checksum mismatch for the file downloaded from {TINY_SHAKESPEARE_URL}")
-    tmp.replace(target)
-    return target
 
 
 def get_batch(
@@ -115,35 +64,6 @@ def _private_generator() -> torch.Generator:
     """Every DataLoader iterator draws a base seed; from the global generator, that draw would
     shift the dropout masks of a resumed run, which opens its iterator at another moment."""
     return torch.Generator().manual_seed(0)
-
-
-def score_windows(ids: list[int], block_size: int, stride: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows of `block_size` tokens over `ids` in which every token but the first is
-    scored exactly once: inputs (N, T) and targets (N, T), -1 where a target was scored by an
-    earlier window. The first window scores all its targets; each next one moves `stride`
-    tokens on and scores only the new ones, with at least block_size - stride tokens of
-    context (stride = block_size: windows side by side, the cheapest)."""
-    n, T = len(ids), block_size
-    if n < 2:
-        raise GptlabError("the text is too short to score: it has fewer than two tokens")
-    if not 1 <= stride <= T:
-        raise GptlabError(f"stride must be between 1 and the block size ({T}), got {stride}")
-    data = torch.tensor(ids, dtype=torch.long)
-    # window k holds inputs ids[a:a + T] and targets ids[a + 1:a + T + 1]
-    scored = min(T + 1, n)  # targets ids[1:scored] are scored by the first window
-    pad = T - (scored - 1)  # a text shorter than a window: the first one is padded
-    xs = [torch.cat([data[:scored - 1], torch.zeros(pad, dtype=torch.long)])]
-    ys = [torch.cat([data[1:scored], torch.full((pad,), -1, dtype=torch.long)])]
-    while scored < n:
-        end = min(scored + stride, n)
-        a = end - 1 - T
-        y = data[a + 1:end].clone()
-        y[:scored - (a + 1)] = -1  # scored by an earlier window
-        xs.append(data[a:end - 1])
-        ys.append(y)
-        scored = end
-    return torch.stack(xs), torch.stack(ys)
 
 
 class CorpusDataModule(pl.LightningDataModule):

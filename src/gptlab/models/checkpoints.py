@@ -21,6 +21,7 @@ from gptlab.models import build_model
 
 STEP_NAME = re.compile(r"^step_(\d{6,})\.ckpt$")
 REQUIRED = ("model_class", "model_kwargs", "vocab", "step")
+BEST_TAG = "gptlab.best_checkpoint"  # a run's tag: the name of its best step checkpoint
 
 
 def step_name(step: int) -> str:

@@ -23,6 +23,7 @@ from gptlab.data import tokenizer as tokenizers
 from gptlab.data.tokenizer import CharTokenizer, Tokenizer
 from gptlab.errors import GptlabError, StopRequested
 from gptlab.models import build_model, checkpoints
+from gptlab.models.checkpoints import BEST_TAG
 from gptlab.models.generation import generate_text
 from gptlab.run.schedule import Steps
 from gptlab.run.signals import StopSignals
@@ -84,7 +85,6 @@ def sample_text(model: torch.nn.Module, tok: Tokenizer, prompt: str, **kw: Any) 
     return generate_text(model, tok, prompt or "\n", device=device, **kw)[0]
 
 
-BEST_TAG = "gptlab.best_checkpoint"  # the name of the run's best step checkpoint
 
 
 def agreed(trainer: pl.Trainer, *flags: bool) -> list[bool]:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.errors import GptlabError, gptlab_cause
 from gptlab.models import check_sampling_args, check_window
-from gptlab.run.ddp import check_devices
+from gptlab.run.devices import check_devices
 from gptlab.run.optim import OPTIMIZERS
 from gptlab.run.schedule import SCHEDULES
 

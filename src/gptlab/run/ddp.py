@@ -40,16 +40,18 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
-import torch
-from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gptlab import files
 from gptlab.console import log
 from gptlab.errors import GptlabError
+from gptlab.run.devices import world_size
+
+if TYPE_CHECKING:
+    from lightning_fabric.plugins.environments import TorchElasticEnvironment
 
 PLAN = "ddp/plan.json"  # in the job's output folder
 RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK",
@@ -58,51 +60,12 @@ READY_TIMEOUT = 300.0  # seconds for the other ranks to start (imports, data, mo
 PLAN_TIMEOUT = 600.0  # seconds a launched rank (torchrun, SLURM) waits for rank 0's plan
 
 
-def processes_per_node(trainer_cfg: DictConfig) -> int:
-    """How many processes `trainer.devices` asks for on each node, read as Lightning reads
-    it: a count, a list of device ids, or "auto"/-1 (every GPU; one process on a CPU)."""
-    devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, list | ListConfig):
-        return len(devices)
-    if isinstance(devices, str) and "," in devices:
-        return len([d for d in devices.split(",") if d.strip()])
-    if devices in ("auto", -1, "-1"):
-        gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto")
-        return torch.cuda.device_count() if gpu and torch.cuda.is_available() else 1
-    try:
-        return int(devices)
-    except (TypeError, ValueError):
-        raise GptlabError(f"trainer.devices must be a number of devices, a list of device ids "
-                          f"or auto, got {devices!r}") from None
-
-
-def world_size(trainer_cfg: DictConfig) -> int:
-    return processes_per_node(trainer_cfg) * int(trainer_cfg.get("num_nodes", 1) or 1)
-
-
-def check_devices(trainer_cfg: DictConfig) -> None:
-    """Refuse more processes than the machine has devices for, and a process-group backend
-    this torch lacks, before anything is recorded."""
-    n = processes_per_node(trainer_cfg)
-    accelerator = str(trainer_cfg.get("accelerator", "cpu"))
-    if n < 1:
-        raise GptlabError(f"trainer.devices must be at least 1, got {trainer_cfg.devices!r}")
-    if accelerator == "cpu" and n > (os.cpu_count() or 1):
-        raise GptlabError(f"trainer.devices={n} asks for {n} processes, but this machine has "
-                          f"{os.cpu_count()} CPU cores")
-    if accelerator in ("gpu", "cuda") and n > torch.cuda.device_count():
-        raise GptlabError(f"trainer.devices={n} asks for {n} GPUs, but this machine has "
-                          f"{torch.cuda.device_count()}")
-    strategy = trainer_cfg.get("strategy")
-    backend = strategy.get("process_group_backend") if OmegaConf.is_dict(strategy) else None
-    if backend is not None and n > 1 and not (torch.distributed.is_available()
-                                              and torch.distributed.is_backend_available(backend)):
-        raise GptlabError(f"trainer.strategy.process_group_backend={backend} is not available "
-                          "in this torch build (gloo runs on CPUs, nccl on NVIDIA GPUs)")
-
-
 def torchrun() -> TorchElasticEnvironment | None:
     """Lightning's view of the ranks when torchrun started this process, else None."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None  # torchrun sets it for every rank: no need to import Lightning to know
+    from lightning_fabric.plugins.environments import TorchElasticEnvironment
+
     return TorchElasticEnvironment() if TorchElasticEnvironment.detect() else None
 
 
@@ -113,7 +76,11 @@ def launched_rank() -> int | None:
     elastic = torchrun()
     if elastic is not None:
         return elastic.global_rank() if elastic.world_size() > 1 else None
-    if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return None
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
         return int(os.environ["SLURM_PROCID"])
     return None
 
@@ -193,6 +160,8 @@ def own_store_environment(port: int) -> None:
 def rank_environment(world: int) -> Iterator[None]:
     """Rank 0's environment for the training (Lightning reads it when the trainer is built),
     put back afterwards: the next job of a sweep in this process gets a port of its own."""
+    import torch  # here: `gptlab-train --help` and a torchrun check need no torch
+
     saved = {k: os.environ.get(k) for k in RANK_ENV}
     threads = torch.get_num_threads()
     if launched_rank() is None:
@@ -288,6 +257,8 @@ class Ranks:
         self.logs: dict[int, Path] = {}
 
     def start(self) -> None:
+        import torch
+
         for rank in range(1, self.world):
             log = self.plan_path.parent / f"rank{rank}.log"
             env = dict(os.environ, LOCAL_RANK=str(rank), RANK=str(rank),

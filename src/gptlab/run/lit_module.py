@@ -18,17 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptlab.data.windows import summed_cross_entropy
 from gptlab.run.optim import build_optimizer
 from gptlab.run.schedule import LRSchedule
-
-
-def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cross-entropy summed over the targets, and how many there are; a target of -1 is
-    not scored (data.score_windows marks so what an earlier window scored)."""
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                            ignore_index=-1, reduction="sum")
-    return total, (targets >= 0).sum().to(total.dtype)
 
 
 class LitLM(pl.LightningModule):

@@ -30,6 +30,7 @@ from gptlab.models import class_path
 from gptlab.models.checkpoints import check_matches, model_weights
 from gptlab.run import checks, ddp
 from gptlab.run.callbacks import RunCheckpoints, sample_text
+from gptlab.run.devices import world_size
 from gptlab.run.lit_module import LitLM
 from gptlab.run.optim import check_optimizer
 from gptlab.run.record import FINISHED, Job, RunRecord
@@ -248,7 +249,7 @@ def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
         elif cfg.optim.decay_steps is None:
             # fixed once, so that extending max_steps on resume does not bend the schedule
             cfg.optim.decay_steps = cfg.trainer.max_steps
-        world = ddp.world_size(cfg.trainer)
+        world = world_size(cfg.trainer)
         with ddp.rank_environment(world) if world > 1 else contextlib.nullcontext():
             s = setup(cfg, job, record, stop, resume)
             stop.check()

@@ -10,7 +10,6 @@ parent ends FINISHED, or FAILED if a job failed; a stop signal ends it KILLED.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab import files
 from gptlab.console import log
-from gptlab.errors import BAD_INPUT, GptlabError, StopRequested, describe
+from gptlab.errors import BAD_INPUT, StopRequested, describe
 from gptlab.run.record import Outcome, SweepJob, overrides_name
 from gptlab.tracking import comparison, store
 
@@ -149,17 +148,6 @@ def end_open_parents(error: BaseException) -> None:
             end_parent(parent, status)
         except Exception:  # noqa: BLE001 - the store itself may be what failed
             pass
-
-
-def check_launcher(argv: list[str]) -> None:
-    """A SLURM launcher needs SLURM's commands: without them submitit fails deep inside the
-    launch, after the sweep's run is open (and Hydra only warns about a callback's errors);
-    say so before anything starts."""
-    slurm = any(a.startswith("hydra/launcher=") and a.endswith("slurm") for a in argv)
-    if slurm and shutil.which("sbatch") is None:
-        raise GptlabError("hydra/launcher=slurm submits jobs with SLURM's sbatch, which this "
-                          "machine lacks: run the sweep on the cluster's login node, or use "
-                          "hydra/launcher=submitit_local here")
 
 
 def open_parent(config: DictConfig, study: str | None = None, run_id: str | None = None
