@@ -16,7 +16,7 @@ from gptlab.cli import compare
 from gptlab.errors import GptlabError, StopRequested, describe, exit_code, hydra_message
 from gptlab.models import checkpoints
 from gptlab.run import checks
-from gptlab.run.resume import RESUME_SAFE, resume_overrides
+from gptlab.run.resume import RESUME_SAFE, may_change_on_resume, resume_overrides
 from gptlab.run.schedule import LRSchedule, Steps
 from gptlab.sweeps import multirun
 from gptlab.tracking import comparison
@@ -78,9 +78,12 @@ def test_resume_ignores_overrides_that_change_nothing():
 
 def test_resume_safe_keys_never_include_what_is_trained():
     # data.cache_dir says where downloads and trained tokenizers are kept, not what trains
-    # (a resumed run takes its tokenizer from its checkpoint)
+    # (a resumed run takes its tokenizer from its checkpoint); data.pin_memory how batches
+    # reach the device
     assert not any(k.startswith(("model.", "data.", "optim.", "seed")) for k in RESUME_SAFE
-                   if k != "data.cache_dir")
+                   if k not in ("data.cache_dir", "data.pin_memory"))
+    assert not may_change_on_resume("data.path")
+    assert may_change_on_resume("trainer.max_steps") and may_change_on_resume("logger.x")
 
 
 # --- sweeps -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ class Score:
     tokens: int  # the tokens scored
 
 
-def read_text(path: str) -> str:
+def read_scored_text(path: str) -> str:
     p = Path(path).expanduser()
     if not p.is_file():
         raise GptlabError(f"text file not found: {p}")
@@ -92,7 +92,7 @@ def evaluate(cfg: DictConfig) -> Score:
     from gptlab.models import checkpoints
 
     check_eval_config(cfg)
-    text = read_text(str(cfg.text))
+    text = read_scored_text(str(cfg.text))
     name = metric_name(str(cfg.text), cfg.name)
     ckpt, run, client = open_checkpoint(cfg, "gptlab-eval")
     info = ckpt["gptlab"]

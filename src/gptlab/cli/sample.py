@@ -75,12 +75,13 @@ def checkpoint_name(client: MlflowClient, run: Run, which: str) -> str:
     return name
 
 
-def find_run(client: MlflowClient, run_id: str, experiment: str) -> Run:
+def run_to_sample(client: MlflowClient, run_id: str, experiment: str) -> Run:
     from gptlab.tracking import store
 
     if run_id != "latest":
         return store.get_run(client, run_id)
-    runs = [r for r in store.search_runs(client, experiment, "attributes.status = 'FINISHED'")
+    finished = f"attributes.status = '{store.FINISHED}'"
+    runs = [r for r in store.search_runs(client, experiment, finished)
             if r.data.tags.get("gptlab.sweep") != "true"]
     if not runs:
         raise GptlabError(f"experiment {experiment!r} has no finished run")
@@ -99,7 +100,7 @@ def open_checkpoint(cfg: DictConfig, tool: str) -> tuple[dict, Run | None, Mlflo
             path, source = Path(cfg.checkpoint), str(cfg.checkpoint)
         else:
             client = store.connect(cfg.logger.tracking_uri)
-            run = find_run(client, str(cfg.run_id), cfg.logger.experiment_name)
+            run = run_to_sample(client, str(cfg.run_id), cfg.logger.experiment_name)
             name = checkpoint_name(client, run, str(cfg.which))
             path = store.download(client, run.info.run_id, f"checkpoints/{name}", scratch)
             source = f"run {run.info.run_id} ({run.info.run_name}), checkpoints/{name}"

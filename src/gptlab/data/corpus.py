@@ -109,7 +109,7 @@ class Source:
         base = self.files[0] if self.single_document else self.root
         return base.stem if base.is_file() else base.name
 
-    def describe(self) -> str:
+    def location(self) -> str:
         if self.hf is not None:
             return f"Hugging Face dataset {self.hf[0]}"
         return str(self.files[0] if self.single_document else self.root)

@@ -173,7 +173,7 @@ class CorpusDataModule(pl.LightningDataModule):
         for split, part in (("train", self.train_data), ("validation", self.val_data)):
             if len(part) < self.block_size + 1:
                 raise GptlabError(
-                    f"the {split} split of {self.source.describe()} has {len(part)} {unit}, "
+                    f"the {split} split of {self.source.location()} has {len(part)} {unit}, "
                     f"fewer than data.block_size + 1 = {self.block_size + 1}"
                 )
         scored = prep.val_text(self.bpc_chars_wanted)

@@ -304,7 +304,7 @@ def prepare(source: Source, recipe: Recipe, cache_dir: Path,
     files.check_writable(root, "the corpus cache (data.cache_dir)")
     lock = root / "locks" / f"{fingerprint[:32]}.lock"
     with files.file_lock(lock, waiting=lambda: log.info(
-            f"gptlab: waiting for another process preparing {source.describe()}")):
+            f"gptlab: waiting for another process preparing {source.location()}")):
         found = _found(cache_dir, fingerprint, given)
         if found is not None:
             return found
@@ -399,7 +399,7 @@ def _scan(source: Source, recipe: Recipe, need_chars: bool,
         n_docs += 1
     meter.close()
     if n_chars == 0:
-        raise GptlabError(f"corpus is empty: {source.describe()}"
+        raise GptlabError(f"corpus is empty: {source.location()}"
                           + (f" ({len(source.skipped)} bad documents skipped)"
                              if source.skipped else ""))
     val_below = 1.0 - recipe.train_frac
@@ -500,7 +500,7 @@ class SplitEncoder:
 def _make(source: Source, recipe: Recipe, rule: list, root: Path,
           given: Tokenizer | None, check: Callable[[], None] | None = None) -> Prepared:
     t0 = time.monotonic()
-    log.info(f"gptlab: preparing {source.describe()} ({recipe.tokenizer} tokens), once for "
+    log.info(f"gptlab: preparing {source.location()} ({recipe.tokenizer} tokens), once for "
              "every run on it")
     scan = _scan(source, recipe, given is None and recipe.tokenizer == "char", check)
     if given is not None and not source.single_document and given.kind == "char" \
@@ -601,7 +601,7 @@ def _encode(source: Source, recipe: Recipe, scan: Scan, tok: Tokenizer, eot: int
     meter.close()
     del source.skipped[skipped_before:]  # the scan counted them already
     shards = {s: writers[s].close() for s in SPLITS}
-    return {"format": FORMAT, "source": source.describe(), "corpus": source.name,
+    return {"format": FORMAT, "source": source.location(), "corpus": source.name,
             "digest": scan.digest,
             "split": recipe.split_rule(source.single_document),
             "documents": {s: enc[s].documents for s in SPLITS},

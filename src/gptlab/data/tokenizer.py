@@ -194,7 +194,7 @@ def end_of_text_text(tok: Tokenizer) -> str:
     return tok.eot_char if tok.kind == "char" else EOT_TEXT
 
 
-def describe(tok: Tokenizer) -> dict:
+def artifacts(tok: Tokenizer) -> dict:
     """What a run logs about its tokenizer: vocab.json for characters, else tokenizer.json."""
     if tok.kind == "char":
         return {"vocab.json": json.dumps({"chars": tok.spec})}

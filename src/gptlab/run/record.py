@@ -28,17 +28,8 @@ from gptlab.run.signals import StopSignals
 from gptlab.tracking import store
 from gptlab.tracking.recorder import SPOOL_NAME, Recorder
 
-FINISHED, KILLED, FAILED = "FINISHED", "KILLED", "FAILED"
+FINISHED, KILLED, FAILED = store.FINISHED, store.KILLED, store.FAILED
 
-# what changes where or how a run is recorded or shown, not what it trains: left out of
-# run names
-NOT_TRAINING = ("logger", "hydra", "callbacks", "checkpoint", "resume", "trainer.enable_",
-                "trainer.log_every_n_steps", "data.path", "data.cache_dir", "data.pin_memory")
-
-
-def changes_training(key: str) -> bool:
-    return not any(key == k or key.startswith(f"{k}.") or (k.endswith("_") and key.startswith(k))
-                   for k in NOT_TRAINING)
 # what every run records as params, beside the overrides it was given: what it trains
 PARAM_KEYS = ("model.", "optim.", "data.block_size", "data.batch_size", "data.train_frac",
               "data.eval_iters", "data.val_seed", "trainer.max_steps",
@@ -68,7 +59,7 @@ def overrides_name(overrides: list[str], keys: list[str] | None = None) -> str |
     values: dict[str, str] = {}  # a key given twice takes its last value, as Hydra does
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if (key in keys) if keys is not None else changes_training(key):
+        if (key in keys) if keys is not None else store.changes_training(key):
             values[key] = value
     order = keys if keys is not None else list(values)
     return " ".join(short(k, values[k]) for k in order if k in values) or None
@@ -80,11 +71,11 @@ def run_params(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     flat = store.flatten(OmegaConf.to_container(cfg, resolve=True))
     given = dict(o.lstrip("+~").partition("=")[::2] for o in overrides)
     params = {k: v for k, v in flat.items()
-              if (k.startswith(PARAM_KEYS) or (k in given and changes_training(k)))
+              if (k.startswith(PARAM_KEYS) or (k in given and store.changes_training(k)))
               and not k.endswith("_target_")}
     # config group choices made on the command line (experiment=..., ideas=..., optim=...)
     params.update({k: v for k, v in given.items()
-                   if "." not in k and k not in flat and changes_training(k)})
+                   if "." not in k and k not in flat and store.changes_training(k)})
     if "model._target_" in flat:
         params["model.class"] = str(flat["model._target_"]).rsplit(".", 1)[-1]
     return params
@@ -211,7 +202,7 @@ class RunRecord:
             client.delete_tag(run_id, "gptlab.error")
         client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)),
                         "config.yaml")
-        client.update_run(run_id, status="RUNNING")
+        client.update_run(run_id, status=store.RUNNING)
         self._watch_system(resumed=True)
 
     def _watch_system(self, resumed: bool) -> None:

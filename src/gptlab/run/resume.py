@@ -24,12 +24,16 @@ from gptlab.models import checkpoints
 from gptlab.tracking import store
 from gptlab.tracking.recorder import SPOOL_NAME
 
-# what may change when a run is resumed: how long and how often, never what is trained
-RESUME_SAFE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.log_every_n_steps",
-               "trainer.enable_progress_bar", "trainer.enable_model_summary",
-               "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
-               "trainer.strategy", "checkpoint.",
-               "callbacks.", "logger.", "data.cache_dir")
+# what may change when a run is resumed: how long it trains and where it runs, and what does
+# not change what it trains (store.NOT_TRAINING) but its corpus
+HOW_LONG_AND_WHERE = ("trainer.max_steps", "trainer.val_check_interval", "trainer.accelerator",
+                      "trainer.devices", "trainer.num_nodes", "trainer.strategy")
+RESUME_SAFE = (*HOW_LONG_AND_WHERE, *(k for k in store.NOT_TRAINING if k != "data.path"))
+
+
+def may_change_on_resume(key: str) -> bool:
+    return key.startswith(HOW_LONG_AND_WHERE) or (not store.changes_training(key)
+                                                  and key != "data.path")
 LOCAL_DIR_TAG = "gptlab.local_checkpoints"  # "host:path" of the run's checkpoints on disk
 JOB_KEY_TAG = "gptlab.job_key"  # the same for every start of the same job: see find_auto
 ELASTIC_TAG = "gptlab.torchelastic_run_id"  # the torchrun job that trains it: ddp.elastic_id
@@ -78,7 +82,7 @@ def resume_overrides(overrides: list[str], cfg: DictConfig, logged: DictConfig
                           if flat_new.get(k) != flat_old.get(k))
         else:
             keys = [key]
-        unsafe = [k for k in keys if not k.startswith(RESUME_SAFE)]
+        unsafe = [k for k in keys if not may_change_on_resume(k)]
         if unsafe:
             refused.extend(unsafe or [key])
             continue
@@ -89,14 +93,14 @@ def resume_overrides(overrides: list[str], cfg: DictConfig, logged: DictConfig
 
 def live_owner(client: MlflowClient, run: Run) -> str | None:
     """Who is training `run` now, if anyone: a process on this machine holding its lock."""
-    if run.info.status != "RUNNING":
+    if run.info.status != store.RUNNING:
         return None
     if store.run_lock_held(client.tracking_uri, run.info.run_id):
         return run.data.tags.get("gptlab.owner", "another process")
     return None
 
 
-def find_run(client: MlflowClient, resume: str, experiment_name: str) -> Run:
+def run_to_resume(client: MlflowClient, resume: str, experiment_name: str) -> Run:
     """`resume=<run id>`, or `latest`: the newest unfinished run of the experiment that has
     a checkpoint and that no process is training."""
     if resume != "latest":
@@ -106,7 +110,8 @@ def find_run(client: MlflowClient, resume: str, experiment_name: str) -> Run:
             raise GptlabError(f"run {resume} is being trained by {owner}: stop it first "
                               "(or wait for it to finish)")
         return run
-    for run in store.search_runs(client, experiment_name, "attributes.status != 'FINISHED'"):
+    unfinished = f"attributes.status != '{store.FINISHED}'"
+    for run in store.search_runs(client, experiment_name, unfinished):
         if run.data.tags.get("gptlab.sweep") == "true" or live_owner(client, run):
             continue
         if (checkpoints.step_names(store.artifact_names(client, run.info.run_id, "checkpoints"))
@@ -130,7 +135,7 @@ def find_auto(client: MlflowClient, experiment_name: str, key: str,
     None to start a new run; with `elastic_id`, only a run of that torchrun job (its start
     before an elastic restart). A run of the job that died before its first checkpoint (left
     RUNNING by a SIGKILL) has nothing to continue and is ended KILLED on the way."""
-    query = f"tags.`{JOB_KEY_TAG}` = '{key}' and attributes.status != 'FINISHED'"
+    query = f"tags.`{JOB_KEY_TAG}` = '{key}' and attributes.status != '{store.FINISHED}'"
     if elastic_id is not None:
         query += f" and tags.`{ELASTIC_TAG}` = '{elastic_id}'"
     try:
@@ -145,8 +150,8 @@ def find_auto(client: MlflowClient, experiment_name: str, key: str,
         if (checkpoints.step_names(store.artifact_names(client, run.info.run_id, "checkpoints"))
                 or _local_dir(run)):
             return run
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "KILLED")
+        if run.info.status == store.RUNNING:
+            client.set_terminated(run.info.run_id, store.KILLED)
     return None
 
 
@@ -191,7 +196,7 @@ def newest_checkpoint(client: MlflowClient, run: Run, scratch: Path
 def prepare_resume(cfg: DictConfig, client: MlflowClient, overrides: list[str], scratch: Path
                    ) -> Resume:
     """The run to continue, the config to continue it with, and its newest checkpoint."""
-    run = find_run(client, str(cfg.resume), cfg.logger.experiment_name)
+    run = run_to_resume(client, str(cfg.resume), cfg.logger.experiment_name)
     run_id = run.info.run_id
     try:
         text = store.download(client, run_id, "config.yaml", scratch).read_text()

@@ -177,7 +177,7 @@ def open_run(s: Session, job: Job, record: RunRecord) -> None:
     record.open(s.cfg, tags, {"vocab_size": s.dm.vocab_size, "n_params": s.n_params,
                               "world_size": world,
                               "global_batch_size": s.cfg.data.batch_size * world},
-                tokenizers.describe(s.dm.tokenizer), dataset_of(s.dm))
+                tokenizers.artifacts(s.dm.tokenizer), dataset_of(s.dm))
 
 
 def dataset_of(dm: CorpusDataModule) -> Dataset:

@@ -134,15 +134,15 @@ def end_parent(parent_run_id: str, status: str) -> None:
     if uri is None or (others_go_on is not None and others_go_on()):
         return
     client = store.connect(uri)
-    if client.get_run(parent_run_id).info.status == "RUNNING":
+    if client.get_run(parent_run_id).info.status == store.RUNNING:
         client.set_terminated(parent_run_id, status)
 
 
 def end_open_parents(error: BaseException) -> None:
     """A sweep cut short in this process (a stop signal, a job Hydra could not compose):
     its parent run must not stay RUNNING."""
-    status = "KILLED" if isinstance(error, KeyboardInterrupt | StopRequested | SystemExit) \
-        else "FAILED"
+    status = store.KILLED if isinstance(error, KeyboardInterrupt | StopRequested | SystemExit) \
+        else store.FAILED
     for parent in list(_open_parents):
         try:
             end_parent(parent, status)
@@ -161,7 +161,7 @@ def open_parent(config: DictConfig, study: str | None = None, run_id: str | None
     experiment_id = store.get_or_create_experiment(client, config.logger.experiment_name)
     keys = varied_keys(config)
     if run_id is not None and _live(client, run_id):
-        client.update_run(run_id, status="RUNNING")
+        client.update_run(run_id, status=store.RUNNING)
     else:
         choices = config.hydra.runtime.choices
         label = study or choices.get("hparams_search") or choices.get("experiment") or "sweep"
@@ -214,18 +214,19 @@ class SweepRun(Callback):
             f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000)
         # a study's children may be running in other processes, and a trial stopped by a
         # signal (KILLED) is run again as a new trial: neither is a failure
-        ok = ("FINISHED", "RUNNING", "KILLED") if info.get("study") else ("FINISHED",)
+        ok = (store.FINISHED, store.RUNNING, store.KILLED) if info.get("study") \
+            else (store.FINISHED,)
         failed = sorted((r for r in children if r.info.status not in ok),
                         key=lambda r: r.info.run_name or "")
         # a study's processes may end at the same moment, each writing the parent's best
         store.again_on_collision(lambda: record_best(client, parent, children, info["varied"],
                                                      ongoing=bool(info.get("study"))))
-        record_groups(client, parent, [r for r in children if r.info.status == "FINISHED"])
+        record_groups(client, parent, [r for r in children if r.info.status == store.FINISHED])
         _open_parents.pop(parent, None)
         others_go_on = _shared_parents.pop(parent, None)
         ongoing = others_go_on is not None and others_go_on()
         if not ongoing:
-            client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+            client.set_terminated(parent, store.FAILED if failed else store.FINISHED)
         result = SweepResult(parent, len(children), [r.info.run_name for r in failed])
         results.append(result)
         if ongoing and not failed:

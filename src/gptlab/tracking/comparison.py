@@ -24,9 +24,6 @@ from scipy import stats
 from gptlab.errors import GptlabError
 from gptlab.tracking import store
 
-# params that say where or how a run was recorded, not what it trained
-_NOT_COMPARED = ("logger.", "hydra.", "callbacks.", "trainer.enable_", "resume",
-                 "checkpoint.", "data.path", "data.cache_dir", "best.")
 # what varies between repeats of the same setting
 REPEAT_KEYS = ("seed",)
 # what follows from other params, so never tells settings apart by itself
@@ -67,7 +64,9 @@ def sweep_children(client: MlflowClient, parent: Run) -> list[Run]:
 
 
 def differing_params(runs: Sequence[Run]) -> list[str]:
-    keys = sorted({k for r in runs for k in r.data.params if not k.startswith(_NOT_COMPARED)})
+    # best.*: results a sweep's parent records, not settings
+    keys = sorted({k for r in runs for k in r.data.params
+                   if store.changes_training(k) and not k.startswith("best.")})
     return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
 
 

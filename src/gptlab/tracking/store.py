@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from filelock import FileLock
-from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
@@ -72,6 +72,22 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# the statuses gptlab sets and searches for, as MLflow spells them
+FINISHED, FAILED, KILLED, RUNNING = (RunStatus.to_string(s) for s in (
+    RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.RUNNING))
+
+# config keys that say where or how a run is recorded, shown or kept, not what it trains:
+# left out of run names and of the params runs are compared by, and (but for the corpus's
+# path: another corpus is another training) free to change when a run is resumed
+NOT_TRAINING = ("logger", "hydra", "callbacks", "checkpoint", "resume", "trainer.enable_",
+                "trainer.log_every_n_steps", "data.path", "data.cache_dir", "data.pin_memory")
+
+
+def changes_training(key: str) -> bool:
+    return not any(key == k or key.startswith(f"{k}.") or (k.endswith("_") and key.startswith(k))
+                   for k in NOT_TRAINING)
 
 
 def use_quick_http_defaults() -> None:
