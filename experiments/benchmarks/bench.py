@@ -89,9 +89,10 @@ def gptlab_step_ms(overrides: list[str], steps: int, logger: bool, tmp: Path
     job = Job(cfg=cfg, overrides=over, output_dir=tmp / "out", command="bench",
               run_name="bench")
     _timer.times.clear()
-    outcome = run_job(job, lambda record, stop: train(job, record, stop))
-    if outcome.error is not None:
-        raise outcome.error
+    with run_job(job) as run:
+        run.best, run.sample = train(job, run.record, run.stop)
+    if run.outcome.error is not None:
+        raise run.outcome.error
     return step_ms(_timer.times, _timer.loss.item())
 
 

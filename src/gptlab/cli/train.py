@@ -95,7 +95,9 @@ def _task(cfg: DictConfig) -> float:
         return math.nan
     if job.sweep is not None:
         multirun.report_start(job.sweep)
-    outcome = run_job(job, lambda record, stop: train(job, record, stop))
+    with run_job(job) as run:
+        run.best, run.sample = train(job, run.record, run.stop)
+    outcome = run.outcome
     _outcomes.append(outcome)
     if job.sweep is None:
         finish(job, outcome)

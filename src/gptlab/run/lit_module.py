@@ -20,7 +20,7 @@ from torch import nn
 
 from gptlab.data.windows import summed_cross_entropy
 from gptlab.run.optim import build_optimizer
-from gptlab.run.schedule import LRSchedule
+from gptlab.run.schedule import LRSchedule, Steps
 
 
 class LitLM(pl.LightningModule):
@@ -41,7 +41,7 @@ class LitLM(pl.LightningModule):
         muon_weight_decay: float = 0.0,
         compile: bool = False,
         checkpoint_info: dict[str, Any] | None = None,
-        log_every_n_steps: int = 10,
+        steps: Steps | None = None,
     ):
         super().__init__()
         self.model = model
@@ -54,7 +54,7 @@ class LitLM(pl.LightningModule):
         self.min_lr, self.warmup_steps, self.schedule_name = min_lr, warmup_steps, schedule
         # null: over the whole run (trainer.max_steps), fixed when the optimizer is made
         self.decay_steps = decay_steps
-        self.log_every_n_steps = log_every_n_steps
+        self.steps = steps  # when the run logs (none: training metrics are not logged)
         # what a checkpoint needs to rebuild the model without the config: plain values only
         self.checkpoint_info = checkpoint_info or {}
         self.validated_step = 0  # the last step whose weights were validated
@@ -81,7 +81,7 @@ class LitLM(pl.LightningModule):
         loss = self.loss(batch)
         self._tokens_since += batch[0].numel()
         step = self.global_step + 1  # the update this step makes
-        if step % self.log_every_n_steps == 0:
+        if self.steps is not None and self.steps.logs(step):
             self._log_training(step, loss, batch[0].numel())
         return loss
 

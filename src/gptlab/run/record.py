@@ -9,11 +9,12 @@ opened still leaves a FAILED (or KILLED) child in the sweep, so the sweep shows 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,9 +181,10 @@ class RunRecord:
             store.log_dataset(client, self.run_id, dataset)
         return self.run_id
 
-    def reopen(self, resume: Resume, cfg: DictConfig) -> None:
+    def reopen(self, resume: Resume, cfg: DictConfig, world: int) -> None:
         """Continue a logged run: lock it, send what it could not send when it stopped,
-        record what this resumption changes, and mark it RUNNING again."""
+        record what this resumption changes (and a change of the number of processes), and
+        mark it RUNNING again."""
         client, run_id = self.client, resume.run_id
         self._lock_run(run_id)
         self.run_id, self.experiment_id = run_id, resume.run.info.experiment_id
@@ -200,6 +202,11 @@ class RunRecord:
             client.set_tag(run_id, key, value)
         if "gptlab.error" in resume.run.data.tags:  # the reason of an earlier failure
             client.delete_tag(run_id, "gptlab.error")
+        before = resume.run.data.params.get("world_size", "1")
+        if before != str(world):
+            # allowed, but each rank draws its own batches: the stream of batches changes
+            client.set_tag(run_id, "gptlab.world_size_changed",
+                           f"{before} -> {world} processes at step {resume.step}")
         client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)),
                         "config.yaml")
         client.update_run(run_id, status=store.RUNNING)
@@ -233,41 +240,54 @@ class RunRecord:
     def end(self, status: str, error: BaseException | None = None) -> tuple[str, list[str]]:
         """Write what is left, then the status (and the reason): the run's last record.
         Returns the status recorded and notes for the user."""
-        notes: list[str] = []
         try:
             if self.client is None:
-                return status, notes
+                return status, []
             if self.run_id is None:
                 if self.job.sweep is not None:
                     self._record_unopened(status, error)
-                return status, notes
-            if self._system_metrics is not None:
-                self._system_metrics.finish()  # its last samples, before the status
-            recorder = self.recorder
-            try:
-                recorder.close(timeout=recorder.outage_timeout)
-            except KeyboardInterrupt:
-                pass  # asked twice to stop: record the status without waiting
-            if recorder.error is not None and status == FINISHED:
-                status, error = FAILED, recorder.error
-            if recorder.gave_up or recorder.in_outage:
-                spool = self.job.checkpoint_dir / SPOOL_NAME
-                points = recorder.spool(spool)
-                notes.append(f"the run's checkpoints are in {self.job.checkpoint_dir} and the "
-                             f"{points} metric points not yet recorded in {spool}; once the "
-                             f"store is back, gptlab-train resume={self.run_id} sends them "
-                             "and continues")
-                return status, notes
-            try:
-                if error is not None and status != KILLED:
-                    self.client.set_tag(self.run_id, "gptlab.error", describe(error)[:5000])
-                self.client.set_terminated(self.run_id, status)
-            except Exception as e:  # noqa: BLE001 - the store failed at the last write
-                notes.append(f"the run's status ({status}) could not be recorded: {describe(e)}")
-            return status, notes
+                return status, []
+            status, error = self._drain(status, error)
+            if self.recorder.in_outage:
+                return status, [self._spool()]
+            return status, self._set_status(status, error)
         finally:
             if self._lock is not None:
                 self._lock.release()
+
+    def _drain(self, status: str, error: BaseException | None
+               ) -> tuple[str, BaseException | None]:
+        """The system metrics' last samples and every write queued, before the status; a
+        write that failed for good makes a finished run FAILED."""
+        if self._system_metrics is not None:
+            self._system_metrics.finish()
+        recorder = self.recorder
+        try:
+            recorder.close(timeout=recorder.outage_timeout)
+        except KeyboardInterrupt:
+            pass  # asked twice to stop: record the status without waiting
+        if recorder.error is not None and status == FINISHED:
+            return FAILED, recorder.error
+        return status, error
+
+    def _spool(self) -> str:
+        """The store is away: what it did not take goes to a file beside the checkpoints,
+        which `resume` sends; the run stays RUNNING. Returns the note that says so."""
+        spool = self.job.checkpoint_dir / SPOOL_NAME
+        points = self.recorder.spool(spool)
+        return (f"the run's checkpoints are in {self.job.checkpoint_dir} and the {points} "
+                f"metric points not yet recorded in {spool}; once the store is back, "
+                f"gptlab-train resume={self.run_id} sends them and continues")
+
+    def _set_status(self, status: str, error: BaseException | None) -> list[str]:
+        """The reason of a failure, then the status; a note if the store failed at that."""
+        try:
+            if error is not None and status != KILLED:
+                self.client.set_tag(self.run_id, "gptlab.error", describe(error)[:5000])
+            self.client.set_terminated(self.run_id, status)
+        except Exception as e:  # noqa: BLE001 - the store failed at the last write
+            return [f"the run's status ({status}) could not be recorded: {describe(e)}"]
+        return []
 
     def _record_unopened(self, status: str, error: BaseException | None) -> None:
         """A sweep job that ended before its run opened: a child run with the reason."""
@@ -293,25 +313,43 @@ def user() -> str:
         return str(os.getuid())
 
 
-TrainFn = Callable[[RunRecord, StopSignals], tuple[float, str]]
+@dataclass
+class JobRun:
+    """What a job's block trains with (its record, its stop signals), what it returns
+    (`best`, `sample`), and, once the block has ended, how the job ended (`outcome`)."""
+
+    record: RunRecord
+    stop: StopSignals
+    best: float = math.nan
+    sample: str = ""
+    outcome: Outcome | None = None
 
 
-def run_job(job: Job, train: TrainFn) -> Outcome:
-    """Run `train` and record how it ended, whatever ended it."""
+@contextlib.contextmanager
+def run_job(job: Job) -> Iterator[JobRun]:
+    """The one place where a job's ending is recorded, whatever ends the block: it ends
+    FINISHED, KILLED on a stop signal or Ctrl-C, FAILED on any other exception, which is not
+    raised again but kept in `outcome` for the caller to report.
+
+        with run_job(job) as run:
+            run.best, run.sample = train(job, run.record, run.stop)
+        report(run.outcome)
+    """
     record = RunRecord(job)
     with StopSignals() as stop:
+        run = JobRun(record, stop)
         try:
-            record.connect()
-            best, sample = train(record, stop)
+            yield run
         except BaseException as e:  # noqa: BLE001 - every ending is recorded, then reported
             status = KILLED if isinstance(e, StopRequested | KeyboardInterrupt) else FAILED
             if isinstance(e, KeyboardInterrupt):
                 e = StopRequested(stop.signum or 2)
             status, notes = record.end(status, e)
-            return Outcome(status, record.run_id, error=e, notes=notes)
+            run.outcome = Outcome(status, record.run_id, error=e, notes=notes)
+            return
         status, notes = record.end(FINISHED)
         error = None if status == FINISHED else GptlabError(
             f"recording the run failed: {describe(record.recorder.error)}")
         url = None if record.client is None or record.run_id is None else store.ui_url(
             record.client.tracking_uri, record.experiment_id, record.run_id)
-        return Outcome(status, record.run_id, best, sample, error, notes, url)
+        run.outcome = Outcome(status, record.run_id, run.best, run.sample, error, notes, url)

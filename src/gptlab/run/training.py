@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -67,12 +68,17 @@ def build_model(model_cfg: DictConfig, vocab_size: int, block_size: int
     return model, kwargs, compile_model
 
 
+def steps_of(cfg: DictConfig) -> Steps:
+    """When the run logs, validates and checkpoints."""
+    return Steps(cfg.trainer.max_steps, cfg.trainer.val_check_interval,
+                 cfg.trainer.log_every_n_steps, cfg.checkpoint.every_n_steps)
+
+
 def build_lit(cfg: DictConfig, model: torch.nn.Module, compile_model: bool,
               info: dict[str, Any]) -> LitLM:
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     return checks.build_with(LitLM, "optim", model=model, **optim, compile=compile_model,
-                             checkpoint_info=info,
-                             log_every_n_steps=cfg.trainer.log_every_n_steps)
+                             checkpoint_info=info, steps=steps_of(cfg))
 
 
 def configured(node: DictConfig, group: str, keep: tuple[str, ...] = ()) -> list[Any]:
@@ -142,8 +148,7 @@ def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
         check_matches(resume.ckpt, model, info["vocab"])
     check_optimizer(model, cfg.optim.get("name", "adamw"))
     lit = build_lit(cfg, model, compile_model, info)
-    steps = Steps(cfg.trainer.max_steps, cfg.trainer.val_check_interval,
-                  cfg.trainer.log_every_n_steps, cfg.checkpoint.every_n_steps)
+    steps = lit.steps
     logger = RunLogger(record.recorder) if record.recorder is not None else None
     loggers = [logger] if logger else []
     loggers += configured(cfg.logger, "logger", keep=MLFLOW_SETTINGS)
@@ -156,18 +161,14 @@ def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
     return Session(cfg, dm, lit, trainer, steps, ckpts, logger, info, n_params, resume)
 
 
-def open_run(s: Session, job: Job, record: RunRecord) -> None:
+def open_run(s: Session, record: RunRecord) -> None:
+    """Open the run with what the session built (or reopen the resumed one)."""
     if record.client is None:
         return
     world = s.trainer.world_size
     if s.resume is not None:
-        record.reopen(s.resume, s.cfg)
-        s.logger.recorded = record.recorded
-        before = s.resume.run.data.params.get("world_size", "1")
-        if before != str(world):
-            # allowed, but each rank draws its own batches: the stream of batches changes
-            record.client.set_tag(record.run_id, "gptlab.world_size_changed",
-                                  f"{before} -> {world} processes at step {s.resume.step}")
+        record.reopen(s.resume, s.cfg, world)
+        s.logger.recorded = record.recorded  # a step computed again is not recorded twice
         return
     tags = {"gptlab.model_class": s.info["model_class"]}
     if ddp.elastic_id() is not None:  # a restart of the torchrun job finds the run by it
@@ -221,31 +222,40 @@ def final_sample(s: Session, record: RunRecord) -> str:
     return text
 
 
+def resumed(job: Job, record: RunRecord, scratch: Path) -> Resume | None:
+    """The run this job continues (`resume=<id>`, `latest`, `auto`, or under torchrun the
+    run of the same torchrun job), checked, with its logged config; None for a new run."""
+    cfg = job.cfg
+    if cfg.resume and record.client is None:
+        raise GptlabError("resume needs the MLflow logger (logger=mlflow)")
+    elastic = ddp.elastic_id()
+    if cfg.resume == "auto" or (cfg.resume is None and elastic and record.client):
+        # under torchrun, the run of this same torchrun job if there is one: its ranks
+        # were restarted (an elastic restart), and continue it from its last checkpoint
+        run = find_auto(record.client, cfg.logger.experiment_name, job.key,
+                        None if cfg.resume == "auto" else elastic)
+        cfg.resume = None if run is None else run.info.run_id
+    if not cfg.resume:
+        return None
+    resume = prepare_resume(cfg, record.client, job.overrides, scratch)
+    ddp.use_launched_world(resume.cfg.trainer)
+    checks.check_train_config(resume.cfg)
+    if resume.run.info.status == FINISHED and resume.step >= resume.cfg.trainer.max_steps:
+        raise GptlabError(f"run {resume.run_id} is already at step {resume.step}: pass "
+                          f"trainer.max_steps=N with N > {resume.step} to extend it")
+    return resume
+
+
 def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
     """One training job, phase by phase; returns the best val/loss and the final sample."""
+    record.connect()  # a store that cannot be reached fails now, before anything is built
     cfg = job.cfg
     ddp.use_launched_world(cfg.trainer)
     checks.check_train_config(cfg)
     with store.scratch() as scratch:
-        resume = None
-        if cfg.resume and record.client is None:
-            raise GptlabError("resume needs the MLflow logger (logger=mlflow)")
-        elastic = ddp.elastic_id()
-        if cfg.resume == "auto" or (cfg.resume is None and elastic and record.client):
-            # under torchrun, the run of this same torchrun job if there is one: its ranks
-            # were restarted (an elastic restart), and continue it from its last checkpoint
-            run = find_auto(record.client, cfg.logger.experiment_name, job.key,
-                            None if cfg.resume == "auto" else elastic)
-            cfg.resume = None if run is None else run.info.run_id
-        if cfg.resume:
-            resume = prepare_resume(cfg, record.client, job.overrides, scratch)
+        resume = resumed(job, record, scratch)
+        if resume is not None:
             cfg = resume.cfg
-            ddp.use_launched_world(cfg.trainer)
-            checks.check_train_config(cfg)
-            if resume.run.info.status == FINISHED and resume.step >= cfg.trainer.max_steps:
-                raise GptlabError(f"run {resume.run_id} is already at step {resume.step}: "
-                                  f"pass trainer.max_steps=N with N > {resume.step} to "
-                                  "extend it")
         elif cfg.optim.decay_steps is None:
             # fixed once, so that extending max_steps on resume does not bend the schedule
             cfg.optim.decay_steps = cfg.trainer.max_steps
@@ -253,7 +263,7 @@ def train(job: Job, record: RunRecord, stop: StopSignals) -> tuple[float, str]:
         with ddp.rank_environment(world) if world > 1 else contextlib.nullcontext():
             s = setup(cfg, job, record, stop, resume)
             stop.check()
-            open_run(s, job, record)
+            open_run(s, record)
             announce(s, record)
             text = run_phases(s, job, record, stop)
     best = s.checkpoints.best

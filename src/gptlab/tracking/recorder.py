@@ -15,6 +15,7 @@ of the run.
 from __future__ import annotations
 
 import collections
+import enum
 import json
 import threading
 import time
@@ -82,7 +83,19 @@ class Record:
         return cls(obj["kind"], args, points=len(args[0]) if obj["kind"] == "metrics" else 0)
 
 
+class State(enum.Enum):
+    """Where the recorder stands with the store."""
+
+    WRITING = "writing"  # each write is made as soon as the ones before it are
+    OUTAGE = "outage"  # the store does not answer: the first write is retried, others queue
+    GAVE_UP = "gave up"  # away past outage_timeout, or too much queued: nothing more is sent
+
+
 class Recorder:
+    """The run's writes, made in order by one worker thread: WRITING while the store
+    answers, OUTAGE from the first write it leaves unanswered until one succeeds, GAVE_UP
+    (for good) once an outage lasts past `outage_timeout` or queues more than `max_points`."""
+
     def __init__(self, client: MlflowClient, outage_timeout: float = 600.0,
                  max_points: int = 200_000, retry_wait: tuple[float, float] = (0.5, 5.0)):
         self.client, self.run_id = client, None
@@ -92,8 +105,8 @@ class Recorder:
         self.retry_wait = (retry_wait[0], min(retry_wait[1], max(retry_wait[0],
                                                                   outage_timeout / 5)))
         self.error: BaseException | None = None  # the first write that failed for good
-        self.outage_since: float | None = None
-        self.gave_up = False
+        self.state = State.WRITING
+        self.outage_since: float | None = None  # when the outage began
         self._queue: collections.deque[Record] = collections.deque()
         self._points = 0
         self._cond = threading.Condition()
@@ -114,8 +127,8 @@ class Recorder:
                 self._thread.start()
             self._queue.append(record)
             self._points += record.points
-            if self._points > self.max_points and self.outage_since is not None:
-                self.gave_up = True
+            if self._points > self.max_points and self.state is State.OUTAGE:
+                self.state = State.GAVE_UP
             self._cond.notify_all()
         return record
 
@@ -134,7 +147,12 @@ class Recorder:
 
     @property
     def in_outage(self) -> bool:
-        return self.outage_since is not None
+        """Whether the store has left a write unanswered (and not answered one since)."""
+        return self.state is not State.WRITING
+
+    @property
+    def gave_up(self) -> bool:
+        return self.state is State.GAVE_UP
 
     def check(self) -> None:
         """Raise what stops the run: a write that failed for good, or a store away too long."""
@@ -186,40 +204,52 @@ class Recorder:
     # -- the worker ----------------------------------------------------------------------------
     def _work(self) -> None:
         wait = self.retry_wait[0]
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue or self.gave_up:
-                    if self._closing:
-                        return
-                    self._cond.wait(1.0)
-                    continue
-                record = self._queue[0]
+        while (record := self._next()) is not None:
             try:
                 self._write(record)
             except Exception as e:  # noqa: BLE001 - sorted into outage or failure below
                 if is_outage(e):
-                    now = time.monotonic()
-                    with self._cond:
-                        if self.outage_since is None:
-                            self.outage_since = now
-                        if now - self.outage_since > self.outage_timeout:
-                            self.gave_up = True
-                            self._cond.notify_all()
-                            continue
-                    time.sleep(wait)
-                    wait = min(2 * wait, self.retry_wait[1])
+                    if self._unanswered():
+                        time.sleep(wait)
+                        wait = min(2 * wait, self.retry_wait[1])
                     continue
-                if self.error is None:
+                if self.error is None:  # a failure of the run; the writes after it go on
                     self.error = e
             wait = self.retry_wait[0]
-            with self._cond:
-                self.outage_since = None
-                self._queue.popleft()
-                self._points -= record.points
-                record.done.set()
+            self._made(record)
+
+    def _next(self) -> Record | None:
+        """The first write in the queue, once there is one to make; None once closed with
+        nothing left to make (or given up)."""
+        with self._cond:
+            while not self._queue or self.state is State.GAVE_UP:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            return self._queue[0]
+
+    def _unanswered(self) -> bool:
+        """The store left a write unanswered: an outage begins or goes on, and past
+        `outage_timeout` the recorder gives up. Whether to try the write again."""
+        now = time.monotonic()
+        with self._cond:
+            if self.state is State.WRITING:
+                self.state, self.outage_since = State.OUTAGE, now
+            if now - self.outage_since > self.outage_timeout:
+                self.state = State.GAVE_UP
                 self._cond.notify_all()
+                return False
+        return True
+
+    def _made(self, record: Record) -> None:
+        """A write made (or failed for good): off the queue; an outage, if any, is over."""
+        with self._cond:
+            if self.state is State.OUTAGE:
+                self.state, self.outage_since = State.WRITING, None
+            self._queue.popleft()
+            self._points -= record.points
+            record.done.set()
+            self._cond.notify_all()
 
     def _write(self, record: Record) -> None:
         kind, args = record.kind, record.args
