@@ -116,6 +116,10 @@ def only_run(client: MlflowClient, experiment: str):
     return runs[0]
 
 
+def steps_of(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
 def record_of(client: MlflowClient, experiment: str, tmp: Path) -> dict:
     """Everything a run recorded that must not depend on interruptions."""
     run = only_run(client, experiment)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY_GPT, cli_env, run_cli, store_uri
+from conftest import BIN, TINY_GPT, cli_env, only_run, run_cli, store_uri
 from gptlab.cli import train as train_cli
 
 # dropout on, so the resumed run must also continue the global random streams
@@ -80,12 +80,6 @@ def wait_for_checkpoint(tmp: Path, proc: subprocess.Popen, timeout: float = 120)
     raise AssertionError("no checkpoint appeared")
 
 
-def only_run(client: MlflowClient):
-    runs = client.search_runs([client.get_experiment_by_name("signals").experiment_id])
-    assert len(runs) == 1
-    return runs[0]
-
-
 def resume_to_finish(tmp, corpus, client, run_id, extra_steps=10, resume=None):
     step = tracking_step(client, run_id)
     res = run_cli("gptlab-train", [f"resume={resume or run_id}", "logger.experiment_name=signals",
@@ -112,7 +106,7 @@ def test_stop_signal_checkpoints_then_resume_completes(tmp_path, small_corpus, s
     assert proc.returncode == code, err[-2000:]
     assert "resume=" in err and "Traceback" not in err
     client = MlflowClient(store_uri(tmp_path))
-    run = only_run(client)
+    run = only_run(client, "signals")
     assert run.info.status == "KILLED"
     # the stop wrote a checkpoint at the step it stopped at
     stopped = tracking_step(client, run.info.run_id)
@@ -128,7 +122,7 @@ def test_sigkill_then_resume_latest(tmp_path, small_corpus):
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     client = MlflowClient(store_uri(tmp_path))
-    run = only_run(client)
+    run = only_run(client, "signals")
     assert run.info.status == "RUNNING"
     resume_to_finish(tmp_path, small_corpus, client, run.info.run_id, resume="latest")
 

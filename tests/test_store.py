@@ -22,14 +22,11 @@ from conftest import (
     mlflow_server,
     only_run,
     run_cli,
+    steps_of,
     store_uri,
     wait_until,
 )
 from gptlab.tracking import store
-
-
-def steps_of(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def popen_train(tmp: Path, corpus: Path, args: list[str], **env) -> subprocess.Popen:

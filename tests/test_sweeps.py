@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -13,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY_GPT, cli_env, run_cli, store_uri
+from conftest import BIN, TINY_GPT, cli_env, free_port, run_cli, store_uri
 from gptlab.cli import compare as compare_cli
 from gptlab.tracking import comparison
 
@@ -153,12 +152,6 @@ def test_optuna_search(tmp_path, small_corpus):
     best = min(min(m.value for m in client.get_metric_history(r.info.run_id, "val/loss"))
                for r in runs)
     assert results["best_value"] == pytest.approx(best, abs=1e-6)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_server_fails_before_training(tmp_path, small_corpus):

@@ -23,6 +23,7 @@ from conftest import (
     only_run,
     record_of,
     run_cli,
+    steps_of,
 )
 from gptlab.cli import server as server_cli
 
@@ -54,10 +55,6 @@ def client_folder(tmp_path_factory, name: str, corpus: Path) -> tuple[Path, dict
 def train(tmp: Path, env: dict[str, str], server, args: list[str], timeout: float = 300):
     return run_cli("gptlab-train", [*args, f"logger.tracking_uri={server.uri}"], tmp, tmp,
                    timeout=timeout, env=env)
-
-
-def steps_of(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def children(client: MlflowClient, experiment: str) -> tuple:

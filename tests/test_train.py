@@ -6,7 +6,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_GPT, cli_env, run_cli, store_uri
+from conftest import TINY_GPT, cli_env, one_line_error, run_cli, store_uri
 from gptlab.cli import sample as sample_cli
 from gptlab.data.tokenizer import CharTokenizer, from_checkpoint
 from gptlab.models.checkpoints import model_from_checkpoint, read_checkpoint
@@ -116,15 +116,6 @@ def test_sampling_leaves_no_temporary_files(trained, small_corpus, tmp_path):
                   env={**cli_env(tmp, small_corpus), "TMPDIR": str(scratch)})
     assert res.returncode == 0, res.stderr
     assert list(scratch.iterdir()) == []
-
-
-def one_line_error(code: int, err: str, *words: str) -> None:
-    assert code == 2
-    assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def test_bad_sampling_input(in_process, capsys, trained, monkeypatch):

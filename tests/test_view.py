@@ -11,13 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY_GPT, cli_env, run_cli, store_uri, wait_until
-
-
-def only_run(client: MlflowClient, experiment: str):
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert len(runs) == 1, [r.info.run_name for r in runs]
-    return runs[0]
+from conftest import BIN, TINY_GPT, cli_env, only_run, run_cli, store_uri, wait_until
 
 
 def test_a_log_file_grows_during_the_run_one_line_per_validation(tmp_path, small_corpus):
