@@ -7,6 +7,7 @@ import pwd
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -85,29 +86,75 @@ def run_cli(tool: str, args: list[str], tmp: Path, corpus: Path, timeout: float 
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def call_main(monkeypatch: pytest.MonkeyPatch, tmp: Path, corpus: Path, main, args: list[str]
+              ) -> int:
+    """A console script's main() in this process, in `tmp`, against the store under `tmp`
+    (what run_cli does in a subprocess, without its start-up); returns the exit code."""
+    monkeypatch.chdir(tmp)
+    monkeypatch.setenv("GPTLAB_DATA", str(corpus))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(tmp))
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["prog", *args])
+    GlobalHydra.instance().clear()
+    try:
+        main()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        GlobalHydra.instance().clear()
+    return 0
+
+
 @pytest.fixture
 def in_process(monkeypatch, tmp_path, small_corpus):
     """Run a console script's main() in this process (no start-up cost); returns
     (exit code, stdout, stderr)."""
 
     def call(main, args: list[str], capsys) -> tuple[int, str, str]:
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setenv("GPTLAB_DATA", str(small_corpus))
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(tmp_path))
-        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-        monkeypatch.setattr(sys, "argv", ["prog", *args])
-        GlobalHydra.instance().clear()
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            GlobalHydra.instance().clear()
+        code = call_main(monkeypatch, tmp_path, small_corpus, main, args)
         out = capsys.readouterr()
         return code, out.out, out.err
 
     return call
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_corpus) -> tuple[Path, str]:
+    """One finished tiny run (TINY_GPT, experiment `tiny`), trained in this process once for
+    the whole suite, for tests that only read what a run records, sample or evaluate it:
+    (its folder, whose mlruns/ holds the store; its run id). Tests must not change it: one
+    that resumes or extends a run copies the folder (copy_run) or trains its own."""
+    from gptlab.cli import train as train_cli
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    with pytest.MonkeyPatch.context() as m:
+        code = call_main(m, tmp, small_corpus, train_cli.main,
+                         [*TINY_GPT, "logger.experiment_name=tiny"])
+    assert code == 0
+    return tmp, only_run(MlflowClient(store_uri(tmp)), "tiny").info.run_id
+
+
+def copy_run(run: tuple[Path, str], to: Path) -> tuple[Path, str]:
+    """A copy of a finished run's folder (its store, artifacts and outputs) to change freely:
+    the store's absolute paths name the old folder, so they are rewritten."""
+    src, run_id = run
+    shutil.copytree(src, to, dirs_exist_ok=True)
+    rewrite_paths(to / "mlruns" / "mlflow.db", [(str(src), str(to))])
+    return to, run_id
+
+
+def rewrite_paths(db: Path, places: list[tuple[str, str]]) -> None:
+    """Replace each (old, new) path in every text column of an MLflow SQLite store: what a
+    store moved to another folder or machine needs (artifact locations, tags)."""
+    con = sqlite3.connect(db)
+    with con:
+        for (table,) in con.execute("select name from sqlite_master where type = 'table'"):
+            for column in [c[1] for c in con.execute(f"pragma table_info({table})")
+                           if c[2].upper().startswith(("VARCHAR", "TEXT"))]:
+                for old, new in places:
+                    con.execute(f"update {table} set {column} = replace({column}, ?, ?)",
+                                (old, new))
+    con.close()
 
 
 def only_run(client: MlflowClient, experiment: str):

@@ -4,7 +4,6 @@ the module paths that stored runs name still importing."""
 import ast
 import importlib
 import pkgutil
-import sqlite3
 import tarfile
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import gptlab
-from conftest import store_uri
+from conftest import rewrite_paths, store_uri
 
 SRC = Path(gptlab.__file__).parent
 # the groups from the top down; a group imports only those below it (the package's own
@@ -139,15 +138,7 @@ def before_move(tmp_path, small_corpus) -> Path:
     with tarfile.open(FIXTURE) as tar:
         tar.extractall(tmp_path, filter="data")
     places = [(f"{MADE_IN}/small.txt", str(small_corpus)), (MADE_IN, str(tmp_path))]
-    db = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db")
-    with db:
-        for (table,) in db.execute("select name from sqlite_master where type = 'table'"):
-            for column in [c[1] for c in db.execute(f"pragma table_info({table})")
-                           if c[2].upper().startswith(("VARCHAR", "TEXT"))]:
-                for old, new in places:
-                    db.execute(f"update {table} set {column} = replace({column}, ?, ?)",
-                               (old, new))
-    db.close()
+    rewrite_paths(tmp_path / "mlruns" / "mlflow.db", places)
     for path in (tmp_path / "mlruns" / "artifacts").rglob("*"):
         if path.is_file() and path.suffix != ".ckpt":
             text = path.read_text(encoding="utf-8")
