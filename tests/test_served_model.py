@@ -1,5 +1,7 @@
 """From run to model: the run's logged MLflow model loads anywhere and generates what
-gptlab-sample does, serves over HTTP, is registered and promoted by alias; system metrics."""
+gptlab-sample does, serves over HTTP, is registered and promoted by alias; system metrics.
+gptlab-train and gptlab-sample run in this process (their main()); a fresh interpreter and
+`mlflow models serve` are processes of their own."""
 
 import json
 import os
@@ -11,48 +13,71 @@ import urllib.request
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import (
     BIN,
     TINY_GPT,
+    call_main,
     cli_env,
     free_port,
     one_line_error,
     only_run,
-    run_cli,
     store_uri,
     wait_until,
 )
+from gptlab.cli import sample as sample_cli
+from gptlab.cli import train as train_cli
 from gptlab.tracking.logged_model import load
 
 NAME = "tiny-shakespeare"
 PROMPT_PARAMS = {"max_new_tokens": 40, "seed": 1}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """What trains and samples in this process is a tiny model: one thread is as fast, and
+    far faster on a busy machine (as in test_lecture.py); what it samples does not depend on
+    the thread count, so the processes of their own below give the same text."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, small_corpus):
     """A finished run, registered, that ran long enough for system metrics to be sampled."""
     tmp = tmp_path_factory.mktemp("served")
-    res = run_cli("gptlab-train", [
-        *TINY_GPT, "logger.experiment_name=served", f"logger.register_model={NAME}",
-        "logger.system_metrics_interval=1", "+callbacks.pace._target_=interrupt.Pace",
-        "+callbacks.pace.seconds=0.15"], tmp, small_corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as m:
+        code = call_main(m, tmp, small_corpus, train_cli.main, [
+            *TINY_GPT, "logger.experiment_name=served", f"logger.register_model={NAME}",
+            "logger.system_metrics_interval=1", "+callbacks.pace._target_=interrupt.Pace",
+            "+callbacks.pace.seconds=0.15"])
+    assert code == 0
     return tmp, only_run(MlflowClient(store_uri(tmp)), "served")
 
 
-def sample(tmp, corpus, *args) -> str:
-    res = run_cli("gptlab-sample", ["prompt=ROMEO:", "max_new_tokens=40", "seed=1", *args],
-                  tmp, corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout.removesuffix("\n")
+def cli(monkeypatch, capsys, tmp, corpus, main, args) -> tuple[int, str, str]:
+    """A console script's main() in this process, in `tmp`, against the store under `tmp`:
+    (exit code, stdout, stderr)."""
+    code = call_main(monkeypatch, tmp, corpus, main, args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def sample(monkeypatch, capsys, tmp, corpus, *args) -> str:
+    code, out, err = cli(monkeypatch, capsys, tmp, corpus, sample_cli.main,
+                         ["prompt=ROMEO:", "max_new_tokens=40", "seed=1", *args])
+    assert code == 0, err[-3000:]
+    return out.removesuffix("\n")
 
 
 def test_the_logged_model_predicts_in_a_fresh_process_what_gptlab_sample_prints(
-        trained, small_corpus, tmp_path):
+        trained, small_corpus, tmp_path, monkeypatch, capsys):
     tmp, run = trained
-    expected = sample(tmp, small_corpus, f"run_id={run.info.run_id}")
+    expected = sample(monkeypatch, capsys, tmp, small_corpus, f"run_id={run.info.run_id}")
     # a fresh interpreter elsewhere, with the installed package only: no checkout on the
     # path, no corpus, no config
     code = (f"import json, mlflow; m = mlflow.pyfunc.load_model('runs:/{run.info.run_id}/"
@@ -82,22 +107,28 @@ def test_the_model_declares_what_loading_it_needs(trained):
     assert params == {"max_new_tokens": 500, "temperature": 1.0, "top_k": 0, "seed": 1337}
 
 
-def test_a_registered_version_samples_by_alias_and_by_number(trained, small_corpus):
+def test_a_registered_version_samples_by_alias_and_by_number(trained, small_corpus,
+                                                             monkeypatch, capsys):
     tmp, run = trained
     client = MlflowClient(store_uri(tmp))
     (version,) = client.search_model_versions(f"name='{NAME}'")
     assert version.run_id == run.info.run_id
     client.set_registered_model_alias(NAME, "champion", version.version)
-    expected = sample(tmp, small_corpus, f"run_id={run.info.run_id}")
-    assert sample(tmp, small_corpus, f"model=models:/{NAME}@champion") == expected
-    assert sample(tmp, small_corpus, f"model=models:/{NAME}/{version.version}") == expected
+
+    def sample_(*args) -> str:
+        return sample(monkeypatch, capsys, tmp, small_corpus, *args)
+
+    expected = sample_(f"run_id={run.info.run_id}")
+    assert sample_(f"model=models:/{NAME}@champion") == expected
+    assert sample_(f"model=models:/{NAME}/{version.version}") == expected
     for uri, words in ((f"models:/{NAME}@nope", ["cannot load model", "alias nope"]),
                        ("models:/no-such-model/1", ["cannot load model", "no-such-model"])):
-        res = run_cli("gptlab-sample", [f"model={uri}"], tmp, small_corpus)
-        one_line_error(res.returncode, res.stderr, *words)
-    res = run_cli("gptlab-sample", [f"model=models:/{NAME}@champion", "prompt='Roméo'"],
-                  tmp, small_corpus)
-    one_line_error(res.returncode, res.stderr, "not in the vocabulary", "é")
+        code, _, err = cli(monkeypatch, capsys, tmp, small_corpus, sample_cli.main,
+                           [f"model={uri}"])
+        one_line_error(code, err, *words)
+    code, _, err = cli(monkeypatch, capsys, tmp, small_corpus, sample_cli.main,
+                       [f"model=models:/{NAME}@champion", "prompt='Roméo'"])
+    one_line_error(code, err, "not in the vocabulary", "é")
 
 
 def post(port: int, body: dict) -> tuple[int, dict]:
@@ -111,7 +142,8 @@ def post(port: int, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-def test_mlflow_models_serve_answers_with_generated_text(trained, small_corpus):
+def test_mlflow_models_serve_answers_with_generated_text(trained, small_corpus, monkeypatch,
+                                                         capsys):
     tmp, run = trained
     port = free_port()
     # `mlflow models serve` starts `uvicorn` by name: the environment's bin/ must be on PATH,
@@ -124,6 +156,9 @@ def test_mlflow_models_serve_answers_with_generated_text(trained, small_corpus):
         cwd=tmp, env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, start_new_session=True)
     try:
+        # what gptlab-sample prints, while the server starts
+        expected = sample(monkeypatch, capsys, tmp, small_corpus, f"run_id={run.info.run_id}")
+
         def up() -> bool:
             assert server.poll() is None, server.stderr.read().decode()[-3000:]
             try:
@@ -135,7 +170,6 @@ def test_mlflow_models_serve_answers_with_generated_text(trained, small_corpus):
         wait_until(up, 180, "mlflow models serve to start", poll=0.5)
         code, answer = post(port, {"inputs": ["ROMEO:", "JULIET:"], "params": PROMPT_PARAMS})
         assert code == 200, answer
-        expected = sample(tmp, small_corpus, f"run_id={run.info.run_id}")
         assert answer["predictions"][0] == expected
         assert answer["predictions"][1].startswith("JULIET:")
         # bad requests: a 4xx with the reason in one line, and the server goes on serving
@@ -161,12 +195,12 @@ def test_runs_record_system_metrics_through_mlflow(trained):
     assert "system/system_memory_usage_megabytes" in run.data.metrics
 
 
-def test_a_resumed_run_logs_its_new_best_and_switches_are_off_by_one_key(trained,
-                                                                        small_corpus):
+def test_a_resumed_run_logs_its_new_best_and_switches_are_off_by_one_key(
+        trained, small_corpus, monkeypatch, capsys):
     tmp, run = trained
-    res = run_cli("gptlab-train", [f"resume={run.info.run_id}", "trainer.max_steps=30"], tmp,
-                  small_corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, _, err = cli(monkeypatch, capsys, tmp, small_corpus, train_cli.main,
+                       [f"resume={run.info.run_id}", "trainer.max_steps=30"])
+    assert code == 0, err[-3000:]
     client = MlflowClient(store_uri(tmp))
     models = client.search_logged_models([run.info.experiment_id],
                                          order_by=[{"field_name": "creation_timestamp"}])
@@ -176,10 +210,10 @@ def test_a_resumed_run_logs_its_new_best_and_switches_are_off_by_one_key(trained
     assert f"step_{load(f'runs:/{run.info.run_id}/model').info['step']:06d}.ckpt" == best
     # the registered version is a new one only when asked: the resumed run registered again
     assert len(client.search_model_versions(f"name='{NAME}'")) == 2
-    res = run_cli("gptlab-train", [*TINY_GPT, "logger.experiment_name=plain",
-                                   "logger.log_model=false", "logger.system_metrics=false"],
-                  tmp, small_corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, _, err = cli(monkeypatch, capsys, tmp, small_corpus, train_cli.main,
+                       [*TINY_GPT, "logger.experiment_name=plain", "logger.log_model=false",
+                        "logger.system_metrics=false"])
+    assert code == 0, err[-3000:]
     plain = only_run(client, "plain")
     assert not client.search_logged_models([plain.info.experiment_id])
     assert not [k for k in plain.data.metrics if k.startswith("system/")]

@@ -1,5 +1,7 @@
 """Tokenizers: a byte-level BPE run end to end, bits per character as the one currency,
-gptlab-eval on any text, and bad input."""
+gptlab-eval on any text, and bad input. The console scripts run in this process (their
+main(), as conftest's call_main runs it): what is tested is what they do, not how a process
+starts."""
 
 import json
 import math
@@ -8,30 +10,51 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_GPT, one_line_error, only_run, run_cli, runs_in, store_uri
+from conftest import TINY_GPT, call_main, copy_run, one_line_error, only_run, runs_in, store_uri
+from gptlab.cli import evaluate as eval_cli
+from gptlab.cli import sample as sample_cli
+from gptlab.cli import train as train_cli
 from gptlab.data import tokenizer as tokenizers
 from gptlab.data.windows import score_windows
 from gptlab.errors import GptlabError
 from gptlab.tracking.comparison import compare
 
 BPE = ["data.tokenizer=bpe", "data.vocab_size=300"]
+CHAR = "tiny"  # the char run's experiment: conftest's tiny_run (TINY_GPT), copied
 
 
-def train(tmp, corpus, experiment, *extra):
-    res = run_cli("gptlab-train", [*TINY_GPT, f"logger.experiment_name={experiment}", *extra],
-                  tmp, corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return only_run(MlflowClient(store_uri(tmp)), experiment)
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """What runs in this process trains and samples a tiny model: one thread is as fast, and
+    far faster on a busy machine (as in test_lecture.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(monkeypatch, capsys, tmp, corpus, main, args) -> tuple[int, str, str]:
+    """A console script's main() in this process, in `tmp`, against the store under `tmp`:
+    (exit code, stdout, stderr)."""
+    code = call_main(monkeypatch, tmp, corpus, main, args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, small_corpus):
-    """A char run and a BPE run of the tiny model, in one store."""
-    tmp = tmp_path_factory.mktemp("tokenizers")
-    return tmp, train(tmp, small_corpus, "char"), train(tmp, small_corpus, "bpe", *BPE)
+def runs(tmp_path_factory, small_corpus, tiny_run):
+    """A char run and a BPE run of the tiny model, in one store: the char run is a copy of
+    tiny_run (TINY_GPT, experiment `tiny`), the BPE run is trained beside it."""
+    tmp, char_id = copy_run(tiny_run, tmp_path_factory.mktemp("tokenizers"))
+    with pytest.MonkeyPatch.context() as m:
+        code = call_main(m, tmp, small_corpus, train_cli.main,
+                         [*TINY_GPT, "logger.experiment_name=bpe", *BPE])
+    assert code == 0
+    client = MlflowClient(store_uri(tmp))
+    return tmp, client.get_run(char_id), only_run(client, "bpe")
 
 
-def test_a_bpe_run_carries_its_tokenizer(runs, small_corpus):
+def test_a_bpe_run_carries_its_tokenizer(runs, small_corpus, monkeypatch, capsys):
     tmp, _, run = runs
     client = MlflowClient(store_uri(tmp))
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -41,29 +64,26 @@ def test_a_bpe_run_carries_its_tokenizer(runs, small_corpus):
     tok = tokenizers.from_spec("bpe", open(logged, encoding="utf-8").read())
     assert tok.vocab_size == 300
     # sampling needs neither the corpus nor a new BPE, and takes any prompt
-    env_without_corpus = {"GPTLAB_DATA": str(tmp / "no-such-corpus.txt")}
-    res = run_cli("gptlab-sample", [f"run_id={run.info.run_id}", "prompt='Wherefore ✓ é'",
-                                    "max_new_tokens=10"], tmp, small_corpus,
-                  env={**_env(tmp, small_corpus), **env_without_corpus})
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("Wherefore ✓ é")
+    code, out, err = cli(monkeypatch, capsys, tmp, tmp / "no-such-corpus.txt", sample_cli.main,
+                         [f"run_id={run.info.run_id}", "prompt='Wherefore ✓ é'",
+                          "max_new_tokens=10"])
+    assert code == 0, err
+    assert out.startswith("Wherefore ✓ é")
 
 
-def _env(tmp, corpus):
-    from conftest import cli_env
-
-    return cli_env(tmp, corpus)
-
-
-def test_bpe_run_resumes_with_its_own_tokenizer(tmp_path, small_corpus):
-    run = train(tmp_path, small_corpus, "resumed", *BPE, f"data.cache_dir={tmp_path}")
+def test_bpe_run_resumes_with_its_own_tokenizer(in_process, capsys, tmp_path):
+    code, _, err = in_process(train_cli.main, [*TINY_GPT, "logger.experiment_name=resumed",
+                                               *BPE, f"data.cache_dir={tmp_path}"], capsys)
+    assert code == 0, err[-3000:]
+    run = only_run(MlflowClient(store_uri(tmp_path)), "resumed")
     assert [json.loads(m.read_text())["tokenizer"]["from"]
             for m in tmp_path.glob("corpora/*/meta.json")] == ["this corpus"]
     # another cache, empty: a resumed run must not train its tokenizer again
     cache = tmp_path / "empty-cache"
-    res = run_cli("gptlab-train", [f"resume={run.info.run_id}", "trainer.max_steps=30",
-                                   f"data.cache_dir={cache}"], tmp_path, small_corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, _, err = in_process(train_cli.main, [f"resume={run.info.run_id}",
+                                               "trainer.max_steps=30",
+                                               f"data.cache_dir={cache}"], capsys)
+    assert code == 0, err[-3000:]
     metas = [json.loads(m.read_text()) for m in cache.glob("corpora/*/meta.json")]
     assert [m["tokenizer"]["from"] for m in metas] == ["the run's checkpoint"]
     client = MlflowClient(store_uri(tmp_path))
@@ -71,7 +91,8 @@ def test_bpe_run_resumes_with_its_own_tokenizer(tmp_path, small_corpus):
     assert steps == [10, 20, 30]
 
 
-def test_val_bpc_is_what_gptlab_eval_gives_on_the_same_characters(runs, small_corpus):
+def test_val_bpc_is_what_gptlab_eval_gives_on_the_same_characters(runs, small_corpus,
+                                                                  monkeypatch, capsys):
     tmp, char_run, bpe_run = runs
     text = small_corpus.read_text(encoding="utf-8")
     val = text[int(0.9 * len(text)):][:32768]  # data.bpc_chars of the validation split
@@ -79,14 +100,15 @@ def test_val_bpc_is_what_gptlab_eval_gives_on_the_same_characters(runs, small_co
     held.write_text(val, encoding="utf-8")
     client = MlflowClient(store_uri(tmp))
     for run in (char_run, bpe_run):
-        res = run_cli("gptlab-eval", [f"run_id={run.info.run_id}", f"text={held}",
-                                      "which=newest", "stride=16"], tmp, small_corpus)
-        assert res.returncode == 0, res.stderr[-3000:]
+        code, out, err = cli(monkeypatch, capsys, tmp, small_corpus, eval_cli.main,
+                             [f"run_id={run.info.run_id}", f"text={held}", "which=newest",
+                              "stride=16"])
+        assert code == 0, err[-3000:]
         final = client.get_metric_history(run.info.run_id, "val/bpc")[-1]
         (recorded,) = client.get_metric_history(run.info.run_id, "eval/val/bpc")
         # the same windows and weights; only the order of the sums differs (other batches)
         assert recorded.step == 20 and recorded.value == pytest.approx(final.value, abs=1e-5)
-        printed = float(res.stdout.split("eval/val/bpc = ")[1].split()[0])
+        printed = float(out.split("eval/val/bpc = ")[1].split()[0])
         assert printed == pytest.approx(final.value, abs=1e-4)
     # per token the two losses do not compare; per character they do
     char_bpc = client.get_metric_history(char_run.info.run_id, "val/bpc")[-1].value
@@ -97,8 +119,8 @@ def test_val_bpc_is_what_gptlab_eval_gives_on_the_same_characters(runs, small_co
 def test_compare_ranks_runs_of_different_tokenizers_by_bits_per_character(runs):
     tmp, char_run, _ = runs
     out = {experiment: compare(experiment, tracking_uri=store_uri(tmp))["runs"][0]
-           for experiment in ("char", "bpe")}
-    assert out["bpe"]["best val/bpc"] > 0 and out["char"]["best val/bpc"] > 0
+           for experiment in (CHAR, "bpe")}
+    assert out["bpe"]["best val/bpc"] > 0 and out[CHAR]["best val/bpc"] > 0
     client = MlflowClient(store_uri(tmp))
     both = client.search_runs([e.experiment_id for e in client.search_experiments()])
     from gptlab.tracking.comparison import default_metric
@@ -107,17 +129,18 @@ def test_compare_ranks_runs_of_different_tokenizers_by_bits_per_character(runs):
     assert default_metric([char_run]) == "val/loss"
 
 
-def test_gptlab_eval_names_characters_a_char_model_never_saw(runs, small_corpus):
+def test_gptlab_eval_names_characters_a_char_model_never_saw(runs, small_corpus, monkeypatch,
+                                                             capsys):
     tmp, char_run, bpe_run = runs
     odd = tmp / "odd.txt"
     odd.write_text("Wherefore art thou, Roméo? ✓ " * 3, encoding="utf-8")
-    res = run_cli("gptlab-eval", [f"run_id={char_run.info.run_id}", f"text={odd}"], tmp,
-                  small_corpus)
-    one_line_error(res.returncode, res.stderr, "characters not in the vocabulary", "é✓")
+    code, _, err = cli(monkeypatch, capsys, tmp, small_corpus, eval_cli.main,
+                       [f"run_id={char_run.info.run_id}", f"text={odd}"])
+    one_line_error(code, err, "characters not in the vocabulary", "é✓")
     # the byte-level BPE reads any text
-    res = run_cli("gptlab-eval", [f"run_id={bpe_run.info.run_id}", f"text={odd}"], tmp,
-                  small_corpus)
-    assert res.returncode == 0, res.stderr
+    code, _, err = cli(monkeypatch, capsys, tmp, small_corpus, eval_cli.main,
+                       [f"run_id={bpe_run.info.run_id}", f"text={odd}"])
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("content, words", [
@@ -125,14 +148,15 @@ def test_gptlab_eval_names_characters_a_char_model_never_saw(runs, small_corpus)
     (b"\xff\xfe\x00bad", ["not UTF-8"]),
     (b"First", ["shorter than one window"]),
 ])
-def test_gptlab_eval_refuses_a_text_it_cannot_score(runs, small_corpus, content, words):
+def test_gptlab_eval_refuses_a_text_it_cannot_score(runs, small_corpus, monkeypatch, capsys,
+                                                     content, words):
     tmp, char_run, _ = runs
     bad = tmp / "bad.txt"
     bad.write_bytes(content)
     before = MlflowClient(store_uri(tmp)).get_run(char_run.info.run_id).data.metrics
-    res = run_cli("gptlab-eval", [f"run_id={char_run.info.run_id}", f"text={bad}"], tmp,
-                  small_corpus)
-    one_line_error(res.returncode, res.stderr, *words)
+    code, _, err = cli(monkeypatch, capsys, tmp, small_corpus, eval_cli.main,
+                       [f"run_id={char_run.info.run_id}", f"text={bad}"])
+    one_line_error(code, err, *words)
     assert MlflowClient(store_uri(tmp)).get_run(char_run.info.run_id).data.metrics == before
 
 
@@ -141,15 +165,16 @@ def test_gptlab_eval_refuses_a_text_it_cannot_score(runs, small_corpus, content,
     ("100000", ["more than the training split supports"]),
     ("abc", ["vocab_size"]),
 ])
-def test_a_bad_vocabulary_size_is_one_line_and_records_nothing(tmp_path, small_corpus,
+def test_a_bad_vocabulary_size_is_one_line_and_records_nothing(in_process, capsys, tmp_path,
                                                                 vocab_size, words):
-    res = run_cli("gptlab-train", [*TINY_GPT, "data.tokenizer=bpe",
-                                   f"data.vocab_size={vocab_size}"], tmp_path, small_corpus)
-    one_line_error(res.returncode, res.stderr, *words)
+    code, _, err = in_process(train_cli.main, [*TINY_GPT, "data.tokenizer=bpe",
+                                               f"data.vocab_size={vocab_size}"], capsys)
+    one_line_error(code, err, *words)
     assert not runs_in(tmp_path)
 
 
-def test_a_checkpoint_whose_tokenizer_does_not_fit_its_model_is_refused(runs, small_corpus):
+def test_a_checkpoint_whose_tokenizer_does_not_fit_its_model_is_refused(runs, small_corpus,
+                                                                        monkeypatch, capsys):
     tmp, _, bpe_run = runs
     client = MlflowClient(store_uri(tmp))
     name = bpe_run.data.tags["gptlab.best_checkpoint"]
@@ -161,9 +186,9 @@ def test_a_checkpoint_whose_tokenizer_does_not_fit_its_model_is_refused(runs, sm
         ckpt2 = {**ckpt, "gptlab": {**ckpt["gptlab"], **broken}}
         bad = tmp / "broken.ckpt"
         torch.save(ckpt2, bad)
-        res = run_cli("gptlab-sample", [f"checkpoint={bad}", "max_new_tokens=5"], tmp,
-                      small_corpus)
-        one_line_error(res.returncode, res.stderr, *words)
+        code, _, err = cli(monkeypatch, capsys, tmp, small_corpus, sample_cli.main,
+                           [f"checkpoint={bad}", "max_new_tokens=5"])
+        one_line_error(code, err, *words)
 
 
 def test_score_windows_scores_every_token_but_the_first_once():

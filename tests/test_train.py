@@ -1,4 +1,6 @@
-"""The real entry points, end to end, on a tiny GPT and a temporary MLflow store."""
+"""The real entry points, end to end, on a tiny GPT and a temporary MLflow store: one run
+through `gptlab-train` and one `gptlab-sample` in processes of their own; what else samples
+the run calls the same main() in this process."""
 
 from pathlib import Path
 
@@ -6,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_GPT, cli_env, one_line_error, run_cli, store_uri
+from conftest import TINY_GPT, call_main, cli_env, one_line_error, run_cli, store_uri
 from gptlab.cli import sample as sample_cli
 from gptlab.data.tokenizer import CharTokenizer, from_checkpoint
 from gptlab.models.checkpoints import model_from_checkpoint, read_checkpoint
@@ -18,7 +20,10 @@ from gptlab.models.gpt import GPT
 def trained(tmp_path_factory, small_corpus):
     """One tiny training run through `gptlab-train`; returns (tmp dir, run id, stdout)."""
     tmp = tmp_path_factory.mktemp("train")
-    res = run_cli("gptlab-train", [*TINY_GPT, "logger.experiment_name=e2e"], tmp, small_corpus)
+    # torch on one thread: the model is tiny, and one thread trains it as fast, far faster
+    # on a busy machine (what it samples does not depend on the thread count)
+    res = run_cli("gptlab-train", [*TINY_GPT, "logger.experiment_name=e2e"], tmp, small_corpus,
+                  env={**cli_env(tmp, small_corpus), "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     run_id = res.stdout.split("MLflow run id: ")[1].split()[0]
     return tmp, run_id, res.stdout
@@ -92,28 +97,42 @@ def test_checkpoint_is_self_describing_and_safe_to_load(trained, small_corpus):
     assert info["step"] == 20
 
 
-def test_sample_from_run(trained, small_corpus):
+SAMPLE_ARGS = ["prompt=ROMEO:", "max_new_tokens=50", "num_samples=2", "seed=1", "top_k=10",
+               "temperature=0.8"]
+
+
+@pytest.fixture(scope="module")
+def sampled(trained, small_corpus, tmp_path_factory):
+    """`gptlab-sample` from the trained run, in a process of its own whose TMPDIR is an empty
+    folder of its own; returns (its result, that folder)."""
     tmp, run_id, _ = trained
-    args = [f"run_id={run_id}", "prompt=ROMEO:", "max_new_tokens=50", "num_samples=2",
-            "seed=1", "top_k=10", "temperature=0.8"]
-    res = run_cli("gptlab-sample", args, tmp, small_corpus)
+    scratch = tmp_path_factory.mktemp("scratch")
+    res = run_cli("gptlab-sample", [f"run_id={run_id}", *SAMPLE_ARGS], tmp, small_corpus,
+                  env={**cli_env(tmp, small_corpus), "TMPDIR": str(scratch)})
+    return res, scratch
+
+
+def test_sample_from_run(trained, sampled, small_corpus, monkeypatch, capsys):
+    tmp, run_id, _ = trained
+    res, _ = sampled
     assert res.returncode == 0, res.stderr
     texts = [t for t in res.stdout.split("\n--- sample ") if t]
     assert len(texts) == 2 and all("ROMEO:" in t for t in texts)
-    again = run_cli("gptlab-sample", args, tmp, small_corpus)
-    assert again.stdout == res.stdout  # same seed, same text
+    # same seed, same text: again, from main() in this process
+    code = call_main(monkeypatch, tmp, small_corpus, sample_cli.main,
+                     [f"run_id={run_id}", *SAMPLE_ARGS])
+    again = capsys.readouterr()
+    assert code == 0, again.err
+    assert again.out == res.stdout
     # the newest finished run of the experiment is this one: the same text for the same args
-    latest = run_cli("gptlab-sample", ["run_id=latest", "logger.experiment_name=e2e",
-                                       *args[1:]], tmp, small_corpus)
-    assert latest.returncode == 0 and latest.stdout == res.stdout
+    code = call_main(monkeypatch, tmp, small_corpus, sample_cli.main,
+                     ["run_id=latest", "logger.experiment_name=e2e", *SAMPLE_ARGS])
+    latest = capsys.readouterr()
+    assert code == 0 and latest.out == res.stdout
 
 
-def test_sampling_leaves_no_temporary_files(trained, small_corpus, tmp_path):
-    tmp, run_id, _ = trained
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    res = run_cli("gptlab-sample", [f"run_id={run_id}", "max_new_tokens=5"], tmp, small_corpus,
-                  env={**cli_env(tmp, small_corpus), "TMPDIR": str(scratch)})
+def test_sampling_leaves_no_temporary_files(sampled):
+    res, scratch = sampled
     assert res.returncode == 0, res.stderr
     assert list(scratch.iterdir()) == []
 

@@ -1,47 +1,82 @@
 """What a user sees: progress in a log file, a sweep's terminal output, callbacks and loggers
-added from the command line, and what a run shows in MLflow."""
+added from the command line, and what a run shows in MLflow. What a real process shows (a log
+file as it grows, a sweep's terminal, `--help`'s start-up) runs in a process of its own; the
+rest calls the console scripts' main() in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY_GPT, cli_env, only_run, run_cli, store_uri, wait_until
+from conftest import (
+    BIN,
+    TINY_GPT,
+    call_main,
+    cli_env,
+    only_run,
+    run_cli,
+    store_uri,
+    wait_until,
+)
+from gptlab.cli import sample as sample_cli
+from gptlab.cli import train as train_cli
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """What runs in this process trains and samples a tiny model: one thread is as fast, and
+    far faster on a busy machine (as in test_lecture.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_thread_env(tmp, corpus) -> dict[str, str]:
+    """cli_env, with torch on one thread in the subprocess too: what it prints is the
+    subject, and one thread trains the tiny model as fast, far faster on a busy machine."""
+    return {**cli_env(tmp, corpus), "OMP_NUM_THREADS": "1"}
 
 
 def test_a_log_file_grows_during_the_run_one_line_per_validation(tmp_path, small_corpus):
+    # a process of its own, its output to a file: what `nohup gptlab-train ... > train.log`
+    # shows while it runs (60 steps, paced, so that it still runs when step 30 is logged)
     log = tmp_path / "train.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [str(BIN / "gptlab-train"), *TINY_GPT, "trainer.max_steps=120",
-             "trainer.val_check_interval=30", "+callbacks.pace._target_=interrupt.Pace",
+            [str(BIN / "gptlab-train"), *TINY_GPT, "trainer.max_steps=60",
+             "trainer.val_check_interval=15", "+callbacks.pace._target_=interrupt.Pace",
              "+callbacks.pace.seconds=0.05", "logger.experiment_name=log"],
-            cwd=tmp_path, env=cli_env(tmp_path, small_corpus), stdout=out,
+            cwd=tmp_path, env=one_thread_env(tmp_path, small_corpus), stdout=out,
             stderr=subprocess.STDOUT)
         # while it trains, the lines of the first validations are already there
-        wait_until(lambda: "step 60/120" in log.read_text() or proc.poll() is not None, 120,
-                   "the progress line of step 60")
+        wait_until(lambda: "step 30/60" in log.read_text() or proc.poll() is not None, 120,
+                   "the progress line of step 30")
         assert proc.poll() is None, log.read_text()[-2000:]
         assert proc.wait(timeout=300) == 0, log.read_text()[-2000:]
     lines = log.read_text().splitlines()
     progress = [ln for ln in lines if ln.startswith("step ")]
-    assert [ln.split()[1] for ln in progress] == ["30/120", "60/120", "90/120", "120/120"]
+    assert [ln.split()[1] for ln in progress] == ["15/60", "30/60", "45/60", "60/60"]
     assert all("loss" in ln and "val" in ln and "tok/s" in ln and "left" in ln
                for ln in progress)
     # the same lines, with times, in the run's own log file under outputs/
     (run_log,) = tmp_path.glob("outputs/*/*/gptlab-train.log")
-    assert sum(" step 60/120 " in ln for ln in run_log.read_text().splitlines()) == 1
+    assert sum(" step 30/60 " in ln for ln in run_log.read_text().splitlines()) == 1
 
 
 def test_a_sweep_prints_a_line_per_job_and_a_summary(tmp_path, small_corpus):
     res = run_cli("gptlab-train", ["-m", *TINY_GPT, "optim.lr=1e-3,2e-3", "model.n_layer=1,2",
                                    "trainer.enable_progress_bar=true",
-                                   "logger.experiment_name=quiet"], tmp_path, small_corpus)
+                                   "logger.experiment_name=quiet"], tmp_path, small_corpus,
+                  env=one_thread_env(tmp_path, small_corpus))
     assert res.returncode == 0, res.stderr[-3000:]
     out = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
     assert len(out) == 9, out  # 4 jobs started, 4 finished, the summary
@@ -54,15 +89,18 @@ def test_a_sweep_prints_a_line_per_job_and_a_summary(tmp_path, small_corpus):
 @pytest.fixture(scope="module")
 def extras(tmp_path_factory, small_corpus):
     """One run with Lightning's EarlyStopping and LearningRateMonitor and a CSV logger
-    added from the command line."""
+    added from the command line; returns (its folder, what it printed on stdout)."""
     tmp = tmp_path_factory.mktemp("extras")
-    res = run_cli("gptlab-train", [
-        *TINY_GPT, "trainer.max_steps=40", "callbacks=[default,early_stopping,lr_monitor]",
-        # stop at the first validation whose loss is below this: the first one
-        "+callbacks.early_stopping.stopping_threshold=100.0", "logger=[mlflow,csv]",
-        "optim.lr=3e-3", "logger.experiment_name=extras"], tmp, small_corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return tmp, res
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
+        code = call_main(m, tmp, small_corpus, train_cli.main, [
+            *TINY_GPT, "trainer.max_steps=40", "callbacks=[default,early_stopping,lr_monitor]",
+            # stop at the first validation whose loss is below this: the first one
+            "+callbacks.early_stopping.stopping_threshold=100.0", "logger=[mlflow,csv]",
+            "optim.lr=3e-3", "logger.experiment_name=extras"])
+    assert code == 0, stderr.getvalue()[-3000:]
+    return tmp, stdout.getvalue()
 
 
 def test_lightning_callbacks_and_loggers_from_the_command_line(extras):
@@ -92,7 +130,7 @@ def test_a_run_is_named_from_its_overrides(extras):
 
 
 def test_a_run_shows_its_creator_dataset_and_the_params_worth_comparing(extras, small_corpus):
-    tmp, res = extras
+    tmp, stdout = extras
     client = MlflowClient(store_uri(tmp))
     run = only_run(client, "extras")
     assert run.data.tags["mlflow.user"]
@@ -107,24 +145,25 @@ def test_a_run_shows_its_creator_dataset_and_the_params_worth_comparing(extras, 
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     url = (f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/"
            f"{run.info.run_id}?workflowType=machine_learning")
-    assert f"in the MLflow UI: {url}" in res.stdout
+    assert f"in the MLflow UI: {url}" in stdout
 
 
-def test_a_callback_entry_that_cannot_be_built_is_one_line(tmp_path, small_corpus):
+def test_a_callback_entry_that_cannot_be_built_is_one_line(in_process, capsys):
     for extra, words in (
             (["+callbacks.lrmon.logging_interval=step"], "callbacks.lrmon names no class"),
             (["+callbacks.lrmon._target_=pytorch_lightning.callbacks.Nope"],
              "cannot build callbacks.lrmon")):
-        res = run_cli("gptlab-train", [*TINY_GPT, *extra], tmp_path, small_corpus)
-        assert res.returncode == 2 and "Traceback" not in res.stderr
-        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-        assert len(errors) == 1 and words in errors[0], res.stderr
+        code, _, err = in_process(train_cli.main, [*TINY_GPT, *extra], capsys)
+        assert code == 2 and "Traceback" not in err
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and words in errors[0], err
 
 
-def test_checkpoint_keep_and_best_by_reference(tmp_path, small_corpus):
-    res = run_cli("gptlab-train", [*TINY_GPT, "trainer.max_steps=50", "checkpoint.keep=3",
-                                   "logger.experiment_name=keep"], tmp_path, small_corpus)
-    assert res.returncode == 0, res.stderr[-2000:]
+def test_checkpoint_keep_and_best_by_reference(in_process, capsys, tmp_path):
+    code, _, err = in_process(train_cli.main, [*TINY_GPT, "trainer.max_steps=50",
+                                               "checkpoint.keep=3",
+                                               "logger.experiment_name=keep"], capsys)
+    assert code == 0, err[-2000:]
     client = MlflowClient(store_uri(tmp_path))
     run = only_run(client, "keep")
     names = sorted(Path(f.path).name
@@ -133,10 +172,10 @@ def test_checkpoint_keep_and_best_by_reference(tmp_path, small_corpus):
     assert names == sorted({"step_000030.ckpt", "step_000040.ckpt", "step_000050.ckpt", best})
     val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/loss")}
     assert best == f"step_{min(val, key=val.get):06d}.ckpt"
-    sample = run_cli("gptlab-sample", [f"run_id={run.info.run_id}", "max_new_tokens=5"],
-                     tmp_path, small_corpus)
-    assert sample.returncode == 0
-    assert f"checkpoints/{best}, step {int(best[5:11])}" in sample.stderr
+    code, _, err = in_process(sample_cli.main, [f"run_id={run.info.run_id}",
+                                                "max_new_tokens=5"], capsys)
+    assert code == 0
+    assert f"checkpoints/{best}, step {int(best[5:11])}" in err
 
 
 def test_sample_help_lists_its_own_keys_only():
