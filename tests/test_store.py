@@ -10,6 +10,8 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,14 +20,16 @@ from mlflow.tracking import MlflowClient
 from conftest import (
     BIN,
     TINY_GPT,
+    call_main,
     cli_env,
+    copy_run,
     mlflow_server,
     only_run,
-    run_cli,
     steps_of,
     store_uri,
     wait_until,
 )
+from gptlab.cli import train as train_cli
 from gptlab.tracking import store
 
 
@@ -45,7 +49,9 @@ def test_run_lock_is_held_while_its_process_lives(tmp_path):
     assert not store.run_lock_held(uri, "abc")
 
 
-def test_a_run_being_trained_cannot_be_resumed_until_its_process_dies(tmp_path, small_corpus):
+def test_a_run_being_trained_cannot_be_resumed_until_its_process_dies(tmp_path, small_corpus,
+                                                                      in_process, capsys):
+    # the run is trained by a process of its own; the resumes are tried in this process
     proc = popen_train(tmp_path, small_corpus, [
         *TINY_GPT, "trainer.max_steps=100000", "trainer.val_check_interval=20",
         "logger.experiment_name=busy", "+callbacks.pace._target_=interrupt.Pace",
@@ -56,18 +62,18 @@ def test_a_run_being_trained_cannot_be_resumed_until_its_process_dies(tmp_path, 
         client = MlflowClient(store_uri(tmp_path))
         run = only_run(client, "busy")
         for target in (run.info.run_id, "latest"):
-            res = run_cli("gptlab-train", [f"resume={target}", "logger.experiment_name=busy"],
-                          tmp_path, small_corpus)
-            assert res.returncode == 2 and "Traceback" not in res.stderr
-            assert ("being trained by" in res.stderr if target != "latest"
-                    else "no unfinished run to resume" in res.stderr), res.stderr
+            code, _, err = in_process(train_cli.main, [f"resume={target}",
+                                                       "logger.experiment_name=busy"], capsys)
+            assert code == 2 and "Traceback" not in err
+            assert ("being trained by" in err if target != "latest"
+                    else "no unfinished run to resume" in err), err
     finally:
         proc.kill()
         proc.communicate(timeout=60)
     step = max(steps_of(client, run.info.run_id))
-    res = run_cli("gptlab-train", ["resume=latest", "logger.experiment_name=busy",
-                                   f"trainer.max_steps={step + 5}"], tmp_path, small_corpus)
-    assert res.returncode == 0, res.stderr[-2000:]
+    code, _, err = in_process(train_cli.main, ["resume=latest", "logger.experiment_name=busy",
+                                               f"trainer.max_steps={step + 5}"], capsys)
+    assert code == 0, err[-2000:]
     assert steps_of(client, run.info.run_id) == list(range(10, step + 6, 10))
 
 
@@ -122,18 +128,16 @@ def test_processes_logging_a_new_dataset_at_once_all_link_it(tmp_path):
 
 
 @pytest.fixture
-def read_only_store(tmp_path, small_corpus):
-    """A store with one run on a file system then made read-only (tmpfs, as root)."""
+def read_only_store(tmp_path, tiny_run):
+    """A store with one run (a copy of the suite's tiny run) on a file system then made
+    read-only (tmpfs, as root)."""
     mount = tmp_path / "ro"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:
         pytest.skip("mounting a file system needs root")
     try:
-        res = run_cli("gptlab-train", [*TINY_GPT, "trainer.max_steps=5",
-                                       f"logger.tracking_uri={store_uri(mount)}"],
-                      tmp_path, small_corpus)
-        assert res.returncode == 0, res.stderr[-2000:]
+        copy_run(tiny_run, mount)
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         yield mount
     finally:
@@ -141,16 +145,16 @@ def read_only_store(tmp_path, small_corpus):
 
 
 def test_a_store_that_cannot_be_written_is_one_line_within_seconds(read_only_store, tmp_path,
-                                                                   small_corpus):
+                                                                   in_process, capsys):
     before = set(tmp_path.rglob("*.ckpt"))
     start = time.time()
-    res = run_cli("gptlab-train", [*TINY_GPT, f"logger.tracking_uri={store_uri(read_only_store)}"],
-                  tmp_path, small_corpus, timeout=120)
+    code, _, err = in_process(train_cli.main, [
+        *TINY_GPT, f"logger.tracking_uri={store_uri(read_only_store)}"], capsys)
     assert time.time() - start < 30
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert lines == [f"error: the MLflow store at {read_only_store / 'mlruns'} cannot be "
-                     "written: Read-only file system"], res.stderr
+                     "written: Read-only file system"], err
     assert set(tmp_path.rglob("*.ckpt")) == before  # nothing was trained
 
 
@@ -192,63 +196,102 @@ def logged_checkpoint(server, experiment: str) -> bool:
         return False
 
 
-OUTAGE = [*TINY_GPT, "trainer.max_steps=300", "trainer.val_check_interval=50",
-          "trainer.log_every_n_steps=1", "+callbacks.pace._target_=interrupt.Pace",
-          "+callbacks.pace.seconds=0.03"]
+def outage_run(pace: float) -> list[str]:
+    """A run of 100 steps, each logged, validated and checkpointed every 20, slowed down to
+    `pace` seconds a step so that the server can go away while it trains."""
+    return [*TINY_GPT, "trainer.max_steps=100", "trainer.val_check_interval=20",
+            "trainer.log_every_n_steps=1", "+callbacks.pace._target_=interrupt.Pace",
+            f"+callbacks.pace.seconds={pace}"]
 
 
-# the server goes away and comes back; PostgreSQL stays up, as a team's database would
-def test_a_server_away_for_a_while_loses_nothing(tmp_path, small_corpus, postgres):
-    with mlflow_server(tmp_path, postgres) as server:
-        proc = popen_train(tmp_path, small_corpus, [
-            *OUTAGE, f"logger.tracking_uri={server.uri}", "logger.experiment_name=outage"],
-            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
-        wait_until(lambda: logged_checkpoint(server, "outage") or proc.poll() is not None,
-                   120, "the first logged checkpoint")
-        server.stop()
-        time.sleep(5)  # training goes on meanwhile
-        assert proc.poll() is None
-        server.start()
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
-        client = MlflowClient(server.uri)
-        run = only_run(client, "outage")
-        assert run.info.status == "FINISHED"
-        assert steps_of(client, run.info.run_id) == list(range(1, 301))
-        assert steps_of(client, run.info.run_id, "val/loss") == [50, 100, 150, 200, 250, 300]
-        # checkpoints taken while the server was away gave way to newer ones; the newest is
-        # there, and at most `checkpoint.keep` of them
-        names = store.artifact_names(client, run.info.run_id, "checkpoints")
-        assert names[-1] == "step_000300.ckpt" and len(names) <= 3  # the newest two, the best
+@dataclass
+class Outage:
+    server: object
+    folders: dict[str, Path]
+    results: dict[str, tuple[int, str]]  # (exit code, stderr) of each run
+    gone_after: float  # seconds from the server's going away to `gone` stopping
+    training_went_on: bool  # `outage` was still training once `gone` had stopped
 
 
-def test_a_server_away_too_long_stops_the_run_resumable_later(tmp_path, small_corpus, postgres):
-    with mlflow_server(tmp_path, postgres) as server:
-        start = None
-        proc = popen_train(tmp_path, small_corpus, [
-            *OUTAGE, f"logger.tracking_uri={server.uri}", "logger.experiment_name=gone",
-            "logger.outage_timeout=3"], MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
-        wait_until(lambda: logged_checkpoint(server, "gone") or proc.poll() is not None,
-                   120, "the first logged checkpoint")
-        server.stop()
-        start = time.time()
-        out, err = proc.communicate(timeout=120)
-        assert time.time() - start < 60
-        assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
-        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
-        assert len(errors) == 1 and "has not answered" in errors[0], err
-        assert "resume=" in err
-        assert list(tmp_path.glob("outputs/*/*/checkpoints/step_*.ckpt"))
-        server.start()
-        client = MlflowClient(server.uri)
-        run = only_run(client, "gone")
-        res = run_cli("gptlab-train", [f"resume={run.info.run_id}",
-                                       f"logger.tracking_uri={server.uri}",
-                                       "+callbacks.pace.seconds=0"], tmp_path, small_corpus)
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert client.get_run(run.info.run_id).info.status == "FINISHED"
-        assert steps_of(client, run.info.run_id) == list(range(1, 301))
-        # the older checkpoints were pruned through the server (MLflow's artifact repository)
-        names = store.artifact_names(client, run.info.run_id, "checkpoints")
-        best = client.get_run(run.info.run_id).data.tags["gptlab.best_checkpoint"]
-        assert names == sorted({best, "step_000250.ckpt", "step_000300.ckpt"})
+@pytest.fixture(scope="module")
+def outage(tmp_path_factory, small_corpus, postgres) -> Iterator[Outage]:
+    """A team's server goes away while two runs train through it, and comes back after they
+    have logged a checkpoint (PostgreSQL stays up, as a team's database would): `outage`
+    waits for it (logger.outage_timeout is 10 minutes), `gone` gives up after 1 s. One
+    outage, of the same server process stopped and started again, serves both tests."""
+    with pytest.MonkeyPatch.context() as m:
+        # MLflow's job runner (GenAI scoring jobs, a process of its own), which runs no part
+        # of this, would only slow down every start of the server
+        m.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        yield from outage_through(tmp_path_factory, small_corpus, postgres)
+
+
+def outage_through(tmp_path_factory, small_corpus, postgres) -> Iterator[Outage]:
+    with mlflow_server(tmp_path_factory.mktemp("outage-server"), postgres) as server:
+        folders = {name: tmp_path_factory.mktemp(name) for name in ("outage", "gone")}
+        # `gone` goes slower: it must still be training when it gives up
+        runs = {"outage": outage_run(0.1),
+                "gone": [*outage_run(0.2), "logger.outage_timeout=1"]}
+        procs = {name: popen_train(folders[name], small_corpus, [
+            *args, f"logger.tracking_uri={server.uri}", f"logger.experiment_name={name}"],
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0") for name, args in runs.items()}
+        try:
+            for name, proc in procs.items():
+                wait_until(lambda name=name, proc=proc: logged_checkpoint(server, name)
+                           or proc.poll() is not None, 120, f"the first checkpoint of {name}")
+            server.stop()
+            start = time.time()
+            results = {"gone": procs["gone"].communicate(timeout=120)}
+            gone_after = time.time() - start
+            training_went_on = procs["outage"].poll() is None
+            server.start()
+            results["outage"] = procs["outage"].communicate(timeout=300)
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate(timeout=60)
+        yield Outage(server, folders,
+                     {n: (procs[n].returncode, err) for n, (_, err) in results.items()},
+                     gone_after, training_went_on)
+
+
+def test_a_server_away_for_a_while_loses_nothing(outage):
+    code, err = outage.results["outage"]
+    assert outage.training_went_on  # while the server was away
+    assert code == 0, err[-3000:]
+    client = MlflowClient(outage.server.uri)
+    run = only_run(client, "outage")
+    assert run.info.status == "FINISHED"
+    assert steps_of(client, run.info.run_id) == list(range(1, 101))
+    assert steps_of(client, run.info.run_id, "val/loss") == [20, 40, 60, 80, 100]
+    # checkpoints taken while the server was away gave way to newer ones; the newest is
+    # there, and at most `checkpoint.keep` of them
+    names = store.artifact_names(client, run.info.run_id, "checkpoints")
+    assert names[-1] == "step_000100.ckpt" and len(names) <= 3  # the newest two, the best
+
+
+def test_a_server_away_too_long_stops_the_run_resumable_later(outage, small_corpus,
+                                                              monkeypatch, capsys):
+    code, err = outage.results["gone"]
+    folder = outage.folders["gone"]
+    assert outage.gone_after < 60
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "has not answered" in errors[0], err
+    assert "resume=" in err
+    assert list(folder.glob("outputs/*/*/checkpoints/step_*.ckpt"))
+    client = MlflowClient(outage.server.uri)
+    run = only_run(client, "gone")
+    # resumed in this process, in the same folder, once the server is back
+    capsys.readouterr()
+    code = call_main(monkeypatch, folder, small_corpus, train_cli.main, [
+        f"resume={run.info.run_id}", f"logger.tracking_uri={outage.server.uri}",
+        "+callbacks.pace.seconds=0"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert steps_of(client, run.info.run_id) == list(range(1, 101))
+    # the older checkpoints were pruned through the server (MLflow's artifact repository)
+    names = store.artifact_names(client, run.info.run_id, "checkpoints")
+    best = client.get_run(run.info.run_id).data.tags["gptlab.best_checkpoint"]
+    assert names == sorted({best, "step_000080.ckpt", "step_000100.ckpt"})

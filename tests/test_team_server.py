@@ -1,10 +1,16 @@
 """A team's tracking server: `gptlab-server` over a real PostgreSQL, artifacts uploaded through
 the server, clients that share nothing but its URL. Training, a parallel sweep, resuming a
 killed run from another folder, sampling and comparing all work against it unchanged, and
-parallel jobs logging every step lose nothing. Skipped where PostgreSQL is not installed."""
+parallel jobs logging every step lose nothing. Skipped where PostgreSQL is not installed.
+
+A run killed by a signal, the sweep and the server are processes of their own; the other
+clients (the straight run, the resumption of the killed one) run in this process (call_main)
+with the environment a client process of their own would have."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import signal
 import socket
@@ -16,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import (
     TINY_GPT,
+    call_main,
     cli_env,
     free_port,
     mlflow_server,
@@ -26,20 +33,26 @@ from conftest import (
     steps_of,
 )
 from gptlab.cli import server as server_cli
+from gptlab.cli import train as train_cli
 
 # dropout on, every step logged, a checkpoint every 4 steps besides the validations at 10, 20
 # and 25: what tests/test_lifecycle.py compares interrupted runs with
 RECIPE = [*TINY_GPT, "model.dropout=0.1", "trainer.log_every_n_steps=1",
           "checkpoint.every_n_steps=4", "trainer.max_steps=25"]
 LR4 = "optim.lr=1e-3,2e-3,3e-3,4e-3"
+LRS = ["0.001", "0.002", "0.003", "0.004"]
 
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory, postgres):
     """The team's server, shared by this module's tests (each uses its own experiment)."""
     tmp = tmp_path_factory.mktemp("team-server")
-    with mlflow_server(tmp, postgres, workers=2) as server:
-        yield server
+    with pytest.MonkeyPatch.context() as m:
+        # MLflow's job runner (GenAI scoring jobs, a process of its own), which runs no part
+        # of this, would only slow down the server's start
+        m.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+        with mlflow_server(tmp, postgres, workers=2) as server:
+            yield server
 
 
 def client_folder(tmp_path_factory, name: str, corpus: Path) -> tuple[Path, dict[str, str]]:
@@ -57,6 +70,19 @@ def train(tmp: Path, env: dict[str, str], server, args: list[str], timeout: floa
                    timeout=timeout, env=env)
 
 
+def train_here(tmp: Path, env: dict[str, str], server, args: list[str]
+               ) -> tuple[int, str, str]:
+    """`train` in this process, with the client folder's environment (its own cache, its
+    local store): (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        m.setenv("XDG_CACHE_HOME", env["XDG_CACHE_HOME"])
+        code = call_main(m, tmp, tmp / "corpus.txt", train_cli.main,
+                         [*args, f"logger.tracking_uri={server.uri}"])
+    return code, out.getvalue(), err.getvalue()
+
+
 def children(client: MlflowClient, experiment: str) -> tuple:
     exp = client.get_experiment_by_name(experiment).experiment_id
     parents = client.search_runs([exp], "tags.gptlab.sweep = 'true'")
@@ -67,33 +93,34 @@ def children(client: MlflowClient, experiment: str) -> tuple:
 
 @pytest.fixture(scope="module")
 def straight(team, tmp_path_factory, small_corpus):
-    """One training through the server, straight through."""
+    """One training through the server, straight through (in this process)."""
     tmp, env = client_folder(tmp_path_factory, "straight", small_corpus)
-    res = train(tmp, env, team, [*RECIPE, "logger.experiment_name=straight"])
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, out, err = train_here(tmp, env, team, [*RECIPE, "logger.experiment_name=straight"])
+    assert code == 0, err[-3000:]
     client = MlflowClient(team.uri)
-    return tmp, res, record_of(client, "straight", tmp)
+    return tmp, out, record_of(client, "straight", tmp)
 
 
 @pytest.fixture(scope="module")
 def sweep(team, tmp_path_factory, small_corpus):
-    """A sweep of 4 jobs run in parallel by Hydra's joblib launcher."""
+    """A sweep of 8 jobs (4 learning rates, 2 seeds) run at once by Hydra's joblib launcher,
+    each logging every step."""
     tmp, env = client_folder(tmp_path_factory, "sweep", small_corpus)
-    res = train(tmp, env, team, ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
-                                 LR4, *TINY_GPT, "logger.experiment_name=teamsweep"],
-                timeout=600)
+    res = train(tmp, env, team, ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=8",
+                                 LR4, "seed=1,2", *TINY_GPT, "trainer.log_every_n_steps=1",
+                                 "logger.experiment_name=teamsweep"], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp, env
 
 
 def test_the_server_is_postgresql_backed_with_artifacts_uploaded_through_it(team, straight,
                                                                            postgres):
-    tmp, res, record = straight
+    tmp, out, record = straight
     client = MlflowClient(team.uri)
     run = only_run(client, "straight")
     assert record["status"] == "FINISHED"
     assert [s for s, _ in record["val/loss"]] == [10, 20, 25]
-    assert f"{team.uri}/#/experiments/" in res.stdout  # the run's link is the server's UI
+    assert f"{team.uri}/#/experiments/" in out  # the run's link is the server's UI
     # the run is a row of the team's PostgreSQL database
     with psycopg.connect(team.backend_uri) as conn:
         row = conn.execute("SELECT status FROM runs WHERE run_uuid = %s",
@@ -124,7 +151,7 @@ def test_sample_and_compare_read_through_the_server(team, straight, sweep, tmp_p
     res = run_cli("gptlab-compare", ["--tracking-uri", team.uri, "--experiment", "teamsweep",
                                      "--sweep", "latest"], tmp, tmp, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    for lr in ("0.001", "0.002", "0.003", "0.004"):
+    for lr in LRS:
         assert f"lr={lr}" in res.stdout, res.stdout
     assert not (tmp / "mlruns").exists()
 
@@ -134,8 +161,7 @@ def test_a_parallel_sweep_nests_its_jobs_on_the_server(team, sweep):
     client = MlflowClient(team.uri)
     parent, runs = children(client, "teamsweep")
     assert parent.info.status == "FINISHED"
-    assert sorted(r.data.params["optim.lr"] for r in runs) == ["0.001", "0.002", "0.003",
-                                                                "0.004"]
+    assert sorted(r.data.params["optim.lr"] for r in runs) == sorted(LRS * 2)
     for r in runs:
         assert r.info.status == "FINISHED"
         assert steps_of(client, r.info.run_id, "val/loss") == [10, 20]
@@ -164,25 +190,19 @@ def test_a_killed_run_resumes_from_another_folder(team, straight, tmp_path_facto
     assert run.info.status == "RUNNING"
     assert client.list_artifacts(run.info.run_id, "checkpoints")
     second, env = client_folder(tmp_path_factory, "resumed-there", small_corpus)
-    res = train(second, env, team, [f"resume={run.info.run_id}"])
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, _, err = train_here(second, env, team, [f"resume={run.info.run_id}"])
+    assert code == 0, err[-3000:]
     record = record_of(client, "killed", second)
     assert record["status"] == "FINISHED"
     assert steps_of(client, run.info.run_id) == list(range(1, 26))
     assert record == expected
 
 
-def test_eight_parallel_jobs_logging_every_step_lose_nothing(team, tmp_path_factory,
-                                                            small_corpus):
-    tmp, env = client_folder(tmp_path_factory, "load", small_corpus)
-    res = train(tmp, env, team, [
-        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=8", "seed=1,2,3,4,5,6,7,8",
-        *TINY_GPT, "trainer.log_every_n_steps=1", "logger.experiment_name=load"], timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_eight_parallel_jobs_logging_every_step_lose_nothing(team, sweep):
     client = MlflowClient(team.uri)
-    parent, runs = children(client, "load")
+    parent, runs = children(client, "teamsweep")
     assert len(runs) == 8
-    exp = client.get_experiment_by_name("load").experiment_id
+    exp = client.get_experiment_by_name("teamsweep").experiment_id
     assert [r.info.status for r in client.search_runs([exp])] == ["FINISHED"] * 9
     for r in runs:
         assert steps_of(client, r.info.run_id) == list(range(1, 21)), r.info.run_name
