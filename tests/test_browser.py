@@ -1,6 +1,8 @@
 """The MLflow UI, in a real browser (headless Chromium driven by Playwright), over a store
 holding a sweep: the link gptlab prints opens the model-training view, where the sweep is
-one row that expands into its children, and a run's sample can be read."""
+one row that expands into its children, and a run's sample can be read.
+
+The sweep trains in this process, on one thread, while the UI server starts."""
 
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY_GPT, free_port, run_cli, store_uri, wait_until
+from conftest import BIN, TINY_GPT, call_main, free_port, store_uri, wait_until
+from gptlab.cli import train as train_cli
+from gptlab.sweeps import multirun
 from gptlab.tracking import store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -25,17 +30,31 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, small_corpus):
-    """A sweep of two runs, and `mlflow ui` over its store on 127.0.0.1."""
+    """A sweep of two runs (trained in this process), and `mlflow ui` over its store on
+    127.0.0.1, started on the store before the sweep: its start-up overlaps the training."""
     tmp = tmp_path_factory.mktemp("ui")
-    res = run_cli("gptlab-train", ["-m", *TINY_GPT, "optim.lr=1e-3,2e-3",
-                                   "logger.experiment_name=ui"], tmp, small_corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
+    threads = torch.get_num_threads()
+    store.connect(store_uri(tmp))  # the store made before the server opens it
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "ui", "--backend-store-uri", store_uri(tmp), "--host",
          "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # tiny models: one thread is as fast, and far faster on a busy machine
+        torch.set_num_threads(1)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(multirun, "results", [])
+            code = call_main(m, tmp, small_corpus, train_cli.main,
+                             ["-m", *TINY_GPT, "optim.lr=1e-3,2e-3", "logger.experiment_name=ui"])
+        assert code == 0
+    except BaseException:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        raise
+    finally:
+        torch.set_num_threads(threads)
 
     def up() -> bool:
         assert server.poll() is None, "mlflow ui exited"

@@ -1,19 +1,25 @@
 """Today's ideas as switches: rotary positions, RMSNorm, SwiGLU and squared-ReLU MLPs,
 QK-norm and the Muon optimizer. Each keeps the model causal and its KV cache exact, trains,
-checkpoints, samples and resumes, alone and all together."""
+checkpoints, samples and resumes, alone and all together.
+
+The models are tiny and trained on one thread (`one_thread`); a run's store starts as a copy of
+an empty one made once (`seeded`): creating an MLflow store costs a second of CPU or more."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_GPT, store_uri
+from conftest import TINY_GPT, copy_run, store_uri
 from gptlab.cli import sample as sample_cli
 from gptlab.cli import train as train_cli
 from gptlab.errors import GptlabError
 from gptlab.models.gpt import GPT, mlp_hidden
 from gptlab.run.optim import MuonWithAdamW, build_optimizer
+from gptlab.tracking import store
 
 V, T = 23, 16
 SWITCHES = {
@@ -24,6 +30,31 @@ SWITCHES = {
     "qk_norm": {"qk_norm": True},
     "all": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True},
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and far faster on a busy machine (with
+    more, each step waits for threads the machine has no core free for)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """A folder holding an empty MLflow store, made once, to copy (`seeded`)."""
+    tmp = tmp_path_factory.mktemp("empty-store")
+    store.connect(store_uri(tmp))
+    return tmp
+
+
+@pytest.fixture
+def seeded(tmp_path, empty_store) -> Path:
+    """tmp_path, where in_process runs, holding a copy of the empty store: what a run's first
+    connection would have made there."""
+    return copy_run((empty_store, ""), tmp_path)[0]
 
 
 def model(switches: dict, **kw) -> GPT:
@@ -142,9 +173,9 @@ def val_history(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
 
 @pytest.mark.parametrize("name", CLI_SWITCHES)
 def test_a_run_with_the_switch_trains_samples_and_resumes_exactly(in_process, capsys,
-                                                                    tmp_path, name):
+                                                                    seeded, name):
     switches = CLI_SWITCHES[name]
-    client = MlflowClient(store_uri(tmp_path))
+    client = MlflowClient(store_uri(seeded))
 
     def run(*args):
         code, out, err = in_process(train_cli.main, [*RUN, *switches, *args], capsys)
@@ -163,7 +194,7 @@ def test_a_run_with_the_switch_trains_samples_and_resumes_exactly(in_process, ca
     assert code == 0 and out.startswith("ROMEO:") and len(out.strip()) == 46, err
 
 
-def test_unknown_switch_values_on_the_command_line(in_process, capsys):
+def test_unknown_switch_values_on_the_command_line(in_process, capsys, seeded):
     bigram = ["model=bigram", "data.block_size=8", "data.batch_size=4", "data.eval_iters=2",
               "trainer.max_steps=10", "trainer.enable_progress_bar=false"]
     for args, words in (([*RUN, "model.pos_emb=alibi"], "model.pos_emb"),

@@ -1,20 +1,55 @@
-"""Resuming runs from the checkpoints they logged: exactly, and after interruptions."""
+"""Resuming runs from the checkpoints they logged: exactly, and after interruptions.
+
+A run stopped by a signal or killed is a gptlab-train process of its own, sent the signal from
+this process; those processes all start at once as the module begins (`started`), so that their
+start-ups overlap one another and the test that runs in this process meanwhile. The resumes run
+in this process (call_main). A
+new store starts as a copy of an empty one made once (`empty_store`): creating an MLflow store
+costs a second of CPU or more, copying one a few milliseconds. Every run trains on one thread
+(`one_thread`), here and in the processes alike."""
 
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY_GPT, cli_env, only_run, run_cli, store_uri
+from conftest import BIN, TINY_GPT, call_main, cli_env, copy_run, only_run, store_uri
 from gptlab.cli import train as train_cli
+from gptlab.tracking import store
 
 # dropout on, so the resumed run must also continue the global random streams
 EXACT = [*TINY_GPT, "model.dropout=0.1", "optim.decay_steps=20", "trainer.val_check_interval=5",
          "trainer.log_every_n_steps=1", "logger.experiment_name=resume"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and far faster on a busy machine (with
+    more, each step waits for threads the machine has no core free for)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """A folder holding an empty MLflow store, made once, to copy (`seed`)."""
+    tmp = tmp_path_factory.mktemp("empty-store")
+    store.connect(store_uri(tmp))
+    return tmp
+
+
+def seed(empty_store: Path, folder: Path) -> Path:
+    """`folder` with a copy of the empty store: what a run's first connection would have
+    made there."""
+    return copy_run((empty_store, ""), folder)[0]
 
 
 def run_id_of(stdout: str) -> str:
@@ -33,16 +68,17 @@ def final_weights(client, run_id, tmp):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def test_resume_is_exact(tmp_path, small_corpus):
-    straight = run_cli("gptlab-train", [*EXACT, "trainer.max_steps=20"], tmp_path, small_corpus)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    half = run_cli("gptlab-train", [*EXACT, "trainer.max_steps=10"], tmp_path, small_corpus)
-    assert half.returncode == 0, half.stderr[-2000:]
-    a, b = run_id_of(straight.stdout), run_id_of(half.stdout)
-    resumed = run_cli("gptlab-train", [f"resume={b}", "trainer.max_steps=20"], tmp_path,
-                      small_corpus)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert run_id_of(resumed.stdout) == b
+def test_resume_is_exact(in_process, capsys, tmp_path, empty_store):
+    seed(empty_store, tmp_path)
+
+    def train(*args: str) -> str:
+        code, out, err = in_process(train_cli.main, list(args), capsys)
+        assert code == 0, err[-2000:]
+        return run_id_of(out)
+
+    a = train(*EXACT, "trainer.max_steps=20")
+    b = train(*EXACT, "trainer.max_steps=10")
+    assert train(f"resume={b}", "trainer.max_steps=20") == b
 
     client = MlflowClient(store_uri(tmp_path))
     assert client.get_run(b).info.status == "FINISHED"
@@ -62,11 +98,13 @@ def test_resume_is_exact(tmp_path, small_corpus):
 
 
 def start_training(tmp: Path, corpus: Path, extra: list[str]) -> subprocess.Popen:
-    env = dict(cli_env(tmp, corpus), PYTHONUNBUFFERED="1")
+    env = dict(cli_env(tmp, corpus), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # one_thread
     args = [*TINY_GPT, "trainer.max_steps=100000", "trainer.val_check_interval=20",
             "trainer.log_every_n_steps=1", "logger.experiment_name=signals", *extra]
-    return subprocess.Popen([str(BIN / "gptlab-train"), *args], cwd=tmp, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its output to files: a pipe nobody reads while it trains would fill and stall it
+    with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:
+        return subprocess.Popen([str(BIN / "gptlab-train"), *args], cwd=tmp, env=env,
+                                stdout=out, stderr=err, text=True)
 
 
 def wait_for_checkpoint(tmp: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -74,17 +112,79 @@ def wait_for_checkpoint(tmp: Path, proc: subprocess.Popen, timeout: float = 120)
     while time.time() < deadline:
         if list((tmp / "mlruns").rglob("checkpoints/step_*.ckpt")):
             return
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert proc.poll() is None, (tmp / "stderr").read_text()[-2000:]
         time.sleep(0.2)
     proc.kill()
     raise AssertionError("no checkpoint appeared")
 
 
-def resume_to_finish(tmp, corpus, client, run_id, extra_steps=10, resume=None):
+# the signal sent to a training process once it logged a checkpoint: its extra overrides,
+# how long after the checkpoint it is sent, how long the process may take to end then
+STOPS = {signal.SIGINT: ([], 0.0, 60), signal.SIGTERM: ([], 0.0, 60),
+         signal.SIGKILL: (["checkpoint.every_n_steps=7"], 1.0, 30)}
+
+
+@dataclass
+class Stopped:
+    folder: Path
+    returncode: int
+    seconds: float  # from the signal to the end of the process
+    stderr: str
+
+
+def train_and_stop(tmp: Path, corpus: Path, sig: signal.Signals) -> Stopped:
+    """A training process, sent `sig` from here once it logged a checkpoint."""
+    extra, pause, timeout = STOPS[sig]
+    proc = start_training(tmp, corpus, extra)
+    try:
+        wait_for_checkpoint(tmp, proc)
+        time.sleep(pause)
+        proc.send_signal(sig)
+        start = time.time()
+        proc.wait(timeout=timeout)
+        return Stopped(tmp, proc.returncode, time.time() - start,
+                       (tmp / "stderr").read_text())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+
+
+def signal_of(item: pytest.Item) -> signal.Signals | None:
+    if item.originalname == "test_sigkill_then_resume_latest":
+        return signal.SIGKILL
+    callspec = getattr(item, "callspec", None)
+    if item.originalname == "test_stop_signal_checkpoints_then_resume_completes" and callspec:
+        return callspec.params["sig"]
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def started(request, tmp_path_factory, one_thread):
+    """The training processes the module's selected signal tests stop, all started as the
+    module begins, each in a folder (a store) of its own, and each stopped by a thread of
+    this process: by signal, a future of its Stopped."""
+    sigs = {signal_of(i) for i in request.session.items
+            if getattr(i, "module", None) is request.module} - {None}
+    if not sigs:
+        yield {}
+        return
+    corpus = request.getfixturevalue("small_corpus")
+    empty = request.getfixturevalue("empty_store")
+    with ThreadPoolExecutor(max_workers=len(sigs)) as pool:
+        yield {sig: pool.submit(train_and_stop, seed(empty, tmp_path_factory.mktemp("signals")),
+                                corpus, sig)
+               for sig in sorted(sigs)}
+
+
+def resume_to_finish(monkeypatch, capsys, tmp, corpus, client, run_id, extra_steps=10,
+                     resume=None):
     step = tracking_step(client, run_id)
-    res = run_cli("gptlab-train", [f"resume={resume or run_id}", "logger.experiment_name=signals",
-                                   f"trainer.max_steps={step + extra_steps}"], tmp, corpus)
-    assert res.returncode == 0, res.stderr[-2000:]
+    capsys.readouterr()
+    code = call_main(monkeypatch, tmp, corpus, train_cli.main, [
+        f"resume={resume or run_id}", "logger.experiment_name=signals",
+        f"trainer.max_steps={step + extra_steps}"])
+    assert code == 0, capsys.readouterr().err[-2000:]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     steps = [s for s, _ in history(client, run_id, "train/loss")]
@@ -96,43 +196,36 @@ def tracking_step(client, run_id) -> int:
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_stop_signal_checkpoints_then_resume_completes(tmp_path, small_corpus, sig, code):
-    proc = start_training(tmp_path, small_corpus, [])
-    wait_for_checkpoint(tmp_path, proc)
-    proc.send_signal(sig)
-    start = time.time()
-    _, err = proc.communicate(timeout=60)
-    assert time.time() - start < 30
-    assert proc.returncode == code, err[-2000:]
+def test_stop_signal_checkpoints_then_resume_completes(started, monkeypatch, capsys,
+                                                       small_corpus, sig, code):
+    ended = started[sig].result()
+    assert ended.seconds < 30
+    tmp, err = ended.folder, ended.stderr
+    assert ended.returncode == code, err[-2000:]
     assert "resume=" in err and "Traceback" not in err
-    client = MlflowClient(store_uri(tmp_path))
+    client = MlflowClient(store_uri(tmp))
     run = only_run(client, "signals")
     assert run.info.status == "KILLED"
     # the stop wrote a checkpoint at the step it stopped at
     stopped = tracking_step(client, run.info.run_id)
     names = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert f"step_{stopped:06d}.ckpt" in names
-    resume_to_finish(tmp_path, small_corpus, client, run.info.run_id)
+    resume_to_finish(monkeypatch, capsys, tmp, small_corpus, client, run.info.run_id)
 
 
-def test_sigkill_then_resume_latest(tmp_path, small_corpus):
-    proc = start_training(tmp_path, small_corpus, ["checkpoint.every_n_steps=7"])
-    wait_for_checkpoint(tmp_path, proc)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
-    client = MlflowClient(store_uri(tmp_path))
+def test_sigkill_then_resume_latest(started, monkeypatch, capsys, small_corpus):
+    tmp = started[signal.SIGKILL].result().folder
+    client = MlflowClient(store_uri(tmp))
     run = only_run(client, "signals")
     assert run.info.status == "RUNNING"
-    resume_to_finish(tmp_path, small_corpus, client, run.info.run_id, resume="latest")
+    resume_to_finish(monkeypatch, capsys, tmp, small_corpus, client, run.info.run_id,
+                     resume="latest")
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, small_corpus):
-    tmp = tmp_path_factory.mktemp("resume-bad")
-    res = run_cli("gptlab-train", [*TINY_GPT, "logger.experiment_name=bad"], tmp, small_corpus)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return tmp, run_id_of(res.stdout)
+def finished_run(tmp_path_factory, tiny_run):
+    """A copy of the suite's finished tiny run (experiment `tiny`), for resumes that fail."""
+    return copy_run(tiny_run, tmp_path_factory.mktemp("resume-bad"))
 
 
 def snapshot(client, run_id):
@@ -173,7 +266,7 @@ def test_unknown_run(in_process, capsys, finished_run):
 def test_run_without_checkpoint(in_process, capsys, finished_run, tmp_path):
     tmp, _ = finished_run
     client = MlflowClient(store_uri(tmp))
-    bare = client.create_run(client.get_experiment_by_name("bad").experiment_id).info.run_id
+    bare = client.create_run(client.get_experiment_by_name("tiny").experiment_id).info.run_id
     config = client.download_artifacts(_, "config.yaml", str(tmp_path))
     client.log_artifact(bare, config)
     resume_fails(in_process, capsys, tmp, bare, [f"resume={bare}"], "no checkpoint")
@@ -228,10 +321,11 @@ def test_mismatched_checkpoint(in_process, capsys, finished_run, what, words):
         restore()
 
 
-def test_extend_finished_run(finished_run, small_corpus):
-    tmp, run_id = finished_run
-    res = run_cli("gptlab-train", [f"resume={run_id}", "trainer.max_steps=30"], tmp, small_corpus)
-    assert res.returncode == 0, res.stderr[-2000:]
-    client = MlflowClient(store_uri(tmp))
+def test_extend_finished_run(in_process, capsys, tmp_path, tiny_run):
+    _, run_id = copy_run(tiny_run, tmp_path)
+    code, _, err = in_process(train_cli.main, [f"resume={run_id}", "trainer.max_steps=30"],
+                              capsys)
+    assert code == 0, err[-2000:]
+    client = MlflowClient(store_uri(tmp_path))
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [s for s, _ in history(client, run_id, "val/loss")] == [10, 20, 30]
