@@ -134,6 +134,43 @@ def tiny_run(tmp_path_factory, small_corpus) -> tuple[Path, str]:
     return tmp, only_run(MlflowClient(store_uri(tmp)), "tiny").info.run_id
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread while a module's tests run (`pytestmark =
+    pytest.mark.usefixtures("one_thread")`): their models are tiny, so one thread is as fast,
+    and far faster on a busy machine, where each step would wait for threads no core is free
+    for."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A folder holding an empty MLflow store, made once, to copy (`seed`): making one costs
+    seconds of MLflow's migrations, copying it hundredths."""
+    from gptlab.tracking import store
+
+    tmp = tmp_path_factory.mktemp("empty-store")
+    store.connect(store_uri(tmp))
+    return tmp
+
+
+def seed(empty_store: Path, folder: Path) -> Path:
+    """`folder` (made if need be) with a copy of the empty store: what a run's first
+    connection would have made there."""
+    return copy_run((empty_store, ""), folder)[0]
+
+
+@pytest.fixture
+def seeded(tmp_path, empty_store) -> Path:
+    """tmp_path, where in_process runs, holding a copy of the empty store."""
+    return seed(empty_store, tmp_path)
+
+
 def copy_run(run: tuple[Path, str], to: Path) -> tuple[Path, str]:
     """A copy of a finished run's folder (its store, artifacts and outputs) to change freely:
     the store's absolute paths name the old folder, so they are rewritten."""

@@ -7,19 +7,16 @@ an empty one made once (`seeded`): creating an MLflow store costs a second of CP
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_GPT, copy_run, store_uri
+from conftest import TINY_GPT, store_uri
 from gptlab.cli import sample as sample_cli
 from gptlab.cli import train as train_cli
 from gptlab.errors import GptlabError
 from gptlab.models.gpt import GPT, mlp_hidden
 from gptlab.run.optim import MuonWithAdamW, build_optimizer
-from gptlab.tracking import store
 
 V, T = 23, 16
 SWITCHES = {
@@ -32,29 +29,7 @@ SWITCHES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and far faster on a busy machine (with
-    more, each step waits for threads the machine has no core free for)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """A folder holding an empty MLflow store, made once, to copy (`seeded`)."""
-    tmp = tmp_path_factory.mktemp("empty-store")
-    store.connect(store_uri(tmp))
-    return tmp
-
-
-@pytest.fixture
-def seeded(tmp_path, empty_store) -> Path:
-    """tmp_path, where in_process runs, holding a copy of the empty store: what a run's first
-    connection would have made there."""
-    return copy_run((empty_store, ""), tmp_path)[0]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model(switches: dict, **kw) -> GPT:

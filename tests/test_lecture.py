@@ -25,13 +25,7 @@ SMALL_STAGES = ["bigram", "bow", "attention_head", "multihead", "multihead_ffn",
 STAGES = [*SMALL_STAGES, "gpt"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stage_cfg(stage: str, *overrides: str) -> DictConfig:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import (
@@ -31,10 +30,10 @@ from conftest import (
     record_of,
     run_cli,
     runs_in,
+    seed,
     store_uri,
 )
 from gptlab.cli import train as train_cli
-from gptlab.tracking import store
 
 # dropout on, so a resumed run must also continue the global random streams; every step
 # logged; a checkpoint every 4 steps besides the validations at 10, 20 and the last step, 25
@@ -123,34 +122,7 @@ def job_of(item: pytest.Item) -> str:
     return item.originalname
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and far faster on a busy machine (with
-    more, each step waits for threads the machine has no core free for)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """A folder holding an empty MLflow store, made once, to copy (`seed`)."""
-    tmp = tmp_path_factory.mktemp("empty-store")
-    store.connect(store_uri(tmp))
-    return tmp
-
-
-def seed(empty_store: Path, folder: Path) -> Path:
-    """`folder` (made if need be) with a copy of the empty store: what a run's first
-    connection would have made there."""
-    return copy_run((empty_store, ""), folder)[0]
-
-
-@pytest.fixture
-def seeded(tmp_path, empty_store) -> Path:
-    """tmp_path, where in_process runs, holding an empty store."""
-    return seed(empty_store, tmp_path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -19,37 +19,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY_GPT, call_main, cli_env, copy_run, only_run, store_uri
+from conftest import BIN, TINY_GPT, call_main, cli_env, copy_run, only_run, seed, store_uri
 from gptlab.cli import train as train_cli
-from gptlab.tracking import store
 
 # dropout on, so the resumed run must also continue the global random streams
 EXACT = [*TINY_GPT, "model.dropout=0.1", "optim.decay_steps=20", "trainer.val_check_interval=5",
          "trainer.log_every_n_steps=1", "logger.experiment_name=resume"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and far faster on a busy machine (with
-    more, each step waits for threads the machine has no core free for)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """A folder holding an empty MLflow store, made once, to copy (`seed`)."""
-    tmp = tmp_path_factory.mktemp("empty-store")
-    store.connect(store_uri(tmp))
-    return tmp
-
-
-def seed(empty_store: Path, folder: Path) -> Path:
-    """`folder` with a copy of the empty store: what a run's first connection would have
-    made there."""
-    return copy_run((empty_store, ""), folder)[0]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_id_of(stdout: str) -> str:

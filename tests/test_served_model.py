@@ -13,7 +13,6 @@ import urllib.request
 
 import mlflow
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import (
@@ -35,15 +34,7 @@ NAME = "tiny-shakespeare"
 PROMPT_PARAMS = {"max_new_tokens": 40, "seed": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """What trains and samples in this process is a tiny model: one thread is as fast, and
-    far faster on a busy machine (as in test_lecture.py); what it samples does not depend on
-    the thread count, so the processes of their own below give the same text."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ BPE = ["data.tokenizer=bpe", "data.vocab_size=300"]
 CHAR = "tiny"  # the char run's experiment: conftest's tiny_run (TINY_GPT), copied
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """What runs in this process trains and samples a tiny model: one thread is as fast, and
-    far faster on a busy machine (as in test_lecture.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(monkeypatch, capsys, tmp, corpus, main, args) -> tuple[int, str, str]:

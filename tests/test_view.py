@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import (
@@ -29,15 +28,7 @@ from conftest import (
 from gptlab.cli import sample as sample_cli
 from gptlab.cli import train as train_cli
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """What runs in this process trains and samples a tiny model: one thread is as fast, and
-    far faster on a busy machine (as in test_lecture.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_thread_env(tmp, corpus) -> dict[str, str]:
