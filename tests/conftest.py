@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import pwd
 import shutil
@@ -96,13 +97,36 @@ def call_main(monkeypatch: pytest.MonkeyPatch, tmp: Path, corpus: Path, main, ar
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.setattr(sys, "argv", ["prog", *args])
     GlobalHydra.instance().clear()
+    # Hydra configures logging for its job (logging.config.dictConfig, which disables every
+    # logger that exists, `gptlab` among them, and adds its handlers to the root): put it
+    # back, or the records of later tests in this process would go nowhere
+    loggers = logging.Logger.manager.loggerDict
+    disabled = {name: lg.disabled for name, lg in loggers.items()
+                if isinstance(lg, logging.Logger)}
+    root = logging.getLogger()
+    root_handlers, root_level = list(root.handlers), root.level
     try:
         main()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     finally:
         GlobalHydra.instance().clear()
+        for name, lg in list(loggers.items()):
+            if isinstance(lg, logging.Logger):
+                lg.disabled = disabled.get(name, False)
+        for handler in set(root.handlers) - set(root_handlers):
+            handler.close()  # the job's log file
+        root.handlers[:] = root_handlers
+        root.setLevel(root_level)
     return 0
+
+
+def cli(monkeypatch: pytest.MonkeyPatch, capsys, tmp: Path, corpus: Path, main,
+        args: list[str]) -> tuple[int, str, str]:
+    """call_main, with what it printed: (exit code, stdout, stderr)."""
+    code = call_main(monkeypatch, tmp, corpus, main, args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.fixture
@@ -111,9 +135,7 @@ def in_process(monkeypatch, tmp_path, small_corpus):
     (exit code, stdout, stderr)."""
 
     def call(main, args: list[str], capsys) -> tuple[int, str, str]:
-        code = call_main(monkeypatch, tmp_path, small_corpus, main, args)
-        out = capsys.readouterr()
-        return code, out.out, out.err
+        return cli(monkeypatch, capsys, tmp_path, small_corpus, main, args)
 
     return call
 

@@ -19,6 +19,7 @@ from conftest import (
     BIN,
     TINY_GPT,
     call_main,
+    cli,
     cli_env,
     free_port,
     one_line_error,
@@ -48,14 +49,6 @@ def trained(tmp_path_factory, small_corpus):
             "+callbacks.pace.seconds=0.15"])
     assert code == 0
     return tmp, only_run(MlflowClient(store_uri(tmp)), "served")
-
-
-def cli(monkeypatch, capsys, tmp, corpus, main, args) -> tuple[int, str, str]:
-    """A console script's main() in this process, in `tmp`, against the store under `tmp`:
-    (exit code, stdout, stderr)."""
-    code = call_main(monkeypatch, tmp, corpus, main, args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def sample(monkeypatch, capsys, tmp, corpus, *args) -> str:

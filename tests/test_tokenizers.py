@@ -10,7 +10,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_GPT, call_main, copy_run, one_line_error, only_run, runs_in, store_uri
+from conftest import (
+    TINY_GPT,
+    call_main,
+    cli,
+    copy_run,
+    one_line_error,
+    only_run,
+    runs_in,
+    store_uri,
+)
 from gptlab.cli import evaluate as eval_cli
 from gptlab.cli import sample as sample_cli
 from gptlab.cli import train as train_cli
@@ -24,14 +33,6 @@ CHAR = "tiny"  # the char run's experiment: conftest's tiny_run (TINY_GPT), copi
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(monkeypatch, capsys, tmp, corpus, main, args) -> tuple[int, str, str]:
-    """A console script's main() in this process, in `tmp`, against the store under `tmp`:
-    (exit code, stdout, stderr)."""
-    code = call_main(monkeypatch, tmp, corpus, main, args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
