@@ -96,6 +96,12 @@ def call_main(monkeypatch: pytest.MonkeyPatch, tmp: Path, corpus: Path, main, ar
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(tmp))
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.setattr(sys, "argv", ["prog", *args])
+    # a sweep ended in this process earlier neither decides this exit code nor filters
+    # this console as a sweep job's
+    from gptlab import console
+    from gptlab.sweeps import multirun
+    monkeypatch.setattr(multirun, "results", [])
+    monkeypatch.setattr(console, "_sweep", False)
     GlobalHydra.instance().clear()
     # Hydra configures logging for its job (logging.config.dictConfig, which disables every
     # logger that exists, `gptlab` among them, and adds its handlers to the root): put it

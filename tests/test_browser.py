@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BIN, TINY_GPT, call_main, free_port, store_uri, wait_until
 from gptlab.cli import train as train_cli
-from gptlab.sweeps import multirun
 from gptlab.tracking import store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -45,7 +44,6 @@ def ui(tmp_path_factory, small_corpus):
         # tiny models: one thread is as fast, and far faster on a busy machine
         torch.set_num_threads(1)
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(multirun, "results", [])
             code = call_main(m, tmp, small_corpus, train_cli.main,
                              ["-m", *TINY_GPT, "optim.lr=1e-3,2e-3", "logger.experiment_name=ui"])
         assert code == 0

@@ -1,15 +1,23 @@
 """Data-parallel training (Lightning's DDP over gloo, 2 processes on this CPU): the same
 step as one process on the whole batch, one MLflow run per training, the same validation
-figure as one process, exact resume and stop signals across ranks, and bad input."""
+figure as one process, exact resume and stop signals across ranks, and bad input.
+
+Where gptlab starts the ranks itself, rank 0 is the gptlab-train process: here it runs in this
+process (train_here; rank 0 sets up and puts back the ranks' environment, as for the next job
+of a sweep), unless a stop signal sent to it is the point. Ranks 1..N-1, and every rank that
+torchrun or SLURM starts, are processes of their own."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +30,7 @@ from conftest import (
     BIN,
     ROOT,
     TINY_GPT,
+    call_main,
     cli_env,
     free_port,
     one_line_error,
@@ -29,8 +38,10 @@ from conftest import (
     record_of,
     run_cli,
     runs_in,
+    seed,
     store_uri,
 )
+from gptlab.cli import train as train_cli
 from gptlab.data.datamodule import CorpusDataModule
 from gptlab.models.checkpoints import model_from_checkpoint, read_checkpoint
 
@@ -43,6 +54,31 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
 
 DDP = [*TINY_GPT, "trainer=ddp", "model.dropout=0.1", "trainer.log_every_n_steps=1",
        "checkpoint.every_n_steps=4", "trainer.max_steps=25"]
+
+
+
+@contextlib.contextmanager
+def environment_put_back() -> Iterator[None]:
+    """os.environ as it was, afterwards: Lightning's DDP sets OMP_NUM_THREADS in rank 0's
+    process (and seeding sets PL_GLOBAL_SEED), which the processes that later tests start must
+    not inherit from this one."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def train_here(monkeypatch: pytest.MonkeyPatch, tmp: Path, corpus: Path, args: list[str]
+               ) -> int:
+    """`gptlab-train ARGS` in this process (rank 0 of a data-parallel training; the ranks it
+    starts load test callbacks from tests/, as a subprocess's would); its exit code, which no
+    sweep ended in this process earlier decides. What rank 0 leaves in this process (a
+    sweep's state, the environment) is put back afterwards."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
+    with environment_put_back():
+        return call_main(monkeypatch, tmp, corpus, train_cli.main, args)
 
 
 def test_a_step_on_two_ranks_equals_a_step_on_the_whole_batch(tmp_path):
@@ -67,9 +103,13 @@ def test_a_step_on_two_ranks_equals_a_step_on_the_whole_batch(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def straight_ddp(tmp_path_factory, small_corpus):
-    tmp = tmp_path_factory.mktemp("ddp")
-    res = run_cli("gptlab-train", [*DDP, "logger.experiment_name=straight"], tmp, small_corpus)
+def straight_ddp(tmp_path_factory, small_corpus, empty_store):
+    tmp = seed(empty_store, tmp_path_factory.mktemp("ddp"))
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        code = train_here(m, tmp, small_corpus, [*DDP, "logger.experiment_name=straight"])
+    res = subprocess.CompletedProcess(["gptlab-train"], code, out.getvalue(), err.getvalue())
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp, res, record_of(MlflowClient(store_uri(tmp)), "straight", tmp)
 
@@ -109,8 +149,10 @@ def test_validation_is_the_whole_set_as_one_process_scores_it(straight_ddp, smal
     assert math.isclose(recorded, expected, rel_tol=1e-5), (recorded, expected)
 
 
-def test_a_stopped_ddp_run_resumes_to_the_same_record(straight_ddp, small_corpus):
+def test_a_stopped_ddp_run_resumes_to_the_same_record(straight_ddp, small_corpus, monkeypatch,
+                                                      capsys):
     tmp, _, expected = straight_ddp
+    # the stop signal goes to a gptlab-train process (rank 0); the resume runs rank 0 here
     first = run_cli("gptlab-train", [
         *DDP, "logger.experiment_name=stopped",
         "+callbacks.interrupt._target_=interrupt.SignalAt",
@@ -121,32 +163,37 @@ def test_a_stopped_ddp_run_resumes_to_the_same_record(straight_ddp, small_corpus
     client = MlflowClient(store_uri(tmp))
     run = only_run(client, "stopped")
     assert run.info.status == "KILLED"
-    resumed = run_cli("gptlab-train", ["resume=latest", "logger.experiment_name=stopped"],
-                      tmp, small_corpus)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    code = train_here(monkeypatch, tmp, small_corpus,
+                      ["resume=latest", "logger.experiment_name=stopped"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     assert record_of(client, "stopped", tmp) == expected
 
 
-def test_resuming_with_another_world_size_is_recorded(straight_ddp, small_corpus):
+def test_resuming_with_another_world_size_is_recorded(straight_ddp, small_corpus, monkeypatch,
+                                                      capsys):
     tmp, _, _ = straight_ddp
     client = MlflowClient(store_uri(tmp))
     run = only_run(client, "straight")
-    res = run_cli("gptlab-train", [f"resume={run.info.run_id}", "trainer=cpu",
-                                   "trainer.devices=1", "trainer.max_steps=30",
-                                   "logger.experiment_name=straight"], tmp, small_corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code = train_here(monkeypatch, tmp, small_corpus,
+                      [f"resume={run.info.run_id}", "trainer=cpu", "trainer.devices=1",
+                       "trainer.max_steps=30", "logger.experiment_name=straight"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     tags = client.get_run(run.info.run_id).data.tags
     assert tags["gptlab.world_size_changed"] == "2 -> 1 processes at step 25"
 
 
-def test_a_failing_rank_fails_the_run_with_its_reason(tmp_path, small_corpus):
-    res = run_cli("gptlab-train", [*DDP, "logger.experiment_name=boom",
-                                   "+callbacks.boom._target_=interrupt.RaiseAt",
-                                   "+callbacks.boom.step=3", "+callbacks.boom.rank=1"],
-                  tmp_path, small_corpus)
-    assert res.returncode != 0
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the training process of rank 1 failed"), res.stderr[-2000:]
+def test_a_failing_rank_fails_the_run_with_its_reason(tmp_path, empty_store, small_corpus,
+                                                      monkeypatch, capsys):
+    seed(empty_store, tmp_path)
+    capsys.readouterr()
+    code = train_here(monkeypatch, tmp_path, small_corpus,
+                      [*DDP, "logger.experiment_name=boom",
+                       "+callbacks.boom._target_=interrupt.RaiseAt", "+callbacks.boom.step=3",
+                       "+callbacks.boom.rank=1"])
+    err = capsys.readouterr().err
+    assert code != 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the training process of rank 1 failed"), err[-2000:]
     assert "boom at step 3" in last
     run = only_run(MlflowClient(store_uri(tmp_path)), "boom")
     assert run.info.status == "FAILED"
@@ -157,12 +204,15 @@ def test_a_failing_rank_fails_the_run_with_its_reason(tmp_path, small_corpus):
     (["trainer=ddp", "trainer.strategy.process_group_backend=nccl"], ["nccl", "not available"]),
     (["resume=auto", "logger=none"], ["resume", "logger"]),
 ])
-def test_bad_parallel_settings_are_refused_in_one_line(tmp_path, small_corpus, args, words):
+def test_bad_parallel_settings_are_refused_in_one_line(in_process, capsys, tmp_path,
+                                                       empty_store, args, words):
     if "nccl" in args[1] and torch.distributed.is_nccl_available():
         pytest.skip("this torch has nccl")
-    res = run_cli("gptlab-train", [*TINY_GPT, *args, "logger.experiment_name=bad"], tmp_path,
-                  small_corpus)
-    one_line_error(res.returncode, res.stderr, *words)
+    seed(empty_store, tmp_path)
+    # refused before any rank starts: in this process
+    code, _, err = in_process(train_cli.main, [*TINY_GPT, *args, "logger.experiment_name=bad"],
+                              capsys)
+    one_line_error(code, err, *words)
     assert runs_in(tmp_path) == []
 
 
@@ -183,7 +233,8 @@ def test_ddp_over_nccl_on_two_gpus(tmp_path, small_corpus):
     assert run.data.params["world_size"] == "2"
 
 
-def test_slurm_tasks_train_one_run_as_ranks(tmp_path, small_corpus):
+def test_slurm_tasks_train_one_run_as_ranks(tmp_path, empty_store, small_corpus):
+    seed(empty_store, tmp_path)
     # SLURM starts every task of a job with the same command: simulated here by SLURM's
     # environment for two tasks on this machine; task 0 opens the run, task 1 follows its plan
     procs = []
@@ -233,7 +284,8 @@ def test_torchrun_ranks_train_one_run_as_trainer_ddp_does(straight_ddp, small_co
     assert not (folder / "ddp" / "rank1.log").exists()  # rank 1 was torchrun's, not gptlab's
 
 
-def test_two_torchrun_nodes_train_one_run(tmp_path, small_corpus):
+def test_two_torchrun_nodes_train_one_run(tmp_path, empty_store, small_corpus):
+    seed(empty_store, tmp_path)
     rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
                   f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=two-nodes"]
     # trainer=cpu (one device): the world is torchrun's, over Lightning's DDP on gloo

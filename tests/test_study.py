@@ -1,5 +1,8 @@
 """Optuna searches that processes share: one study in a database, trials claimed under a lock,
-one MLflow parent run per study, a stopped search continued, bad settings refused."""
+one MLflow parent run per study, a stopped search continued, bad settings refused.
+
+Processes sharing a study, and a search stopped by a signal, run as gptlab-train processes;
+a search that one process runs, before or after them, runs in this process (train)."""
 
 import signal
 import subprocess
@@ -10,7 +13,18 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from conftest import BIN, TINY_GPT, cli_env, one_line_error, run_cli, runs_in, store_uri
+from conftest import (
+    BIN,
+    TINY_GPT,
+    call_main,
+    cli_env,
+    one_line_error,
+    run_cli,
+    runs_in,
+    seed,
+    store_uri,
+)
+from gptlab.cli import train as train_cli
 from gptlab.errors import GptlabError
 from gptlab.sweeps import study as studies
 
@@ -20,6 +34,19 @@ SEARCH = ["hparams_search=lr_dropout_optuna", *TINY_GPT, "logger.experiment_name
 def load(tmp):
     return optuna.load_study(study_name="lr_dropout",
                              storage=f"sqlite:///{tmp / 'mlruns' / 'optuna.db'}")
+
+
+
+def train(monkeypatch: pytest.MonkeyPatch, tmp, corpus, args: list[str], capsys
+          ) -> tuple[int, str, str]:
+    """`gptlab-train ARGS` in this process (one process is all a search needs unless processes
+    sharing it are the point), in `tmp`: (exit code, stdout, stderr). A sweep's state in this
+    process is put back afterwards: a later command here neither takes its exit code from the
+    sweeps ended before it nor filters its console as a sweep's job."""
+    capsys.readouterr()
+    code = call_main(monkeypatch, tmp, corpus, train_cli.main, args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def study_runs(tmp):
@@ -60,17 +87,21 @@ def test_two_processes_started_together_share_one_study(tmp_path, small_corpus):
     assert parent.data.metrics["best_val_loss"] == pytest.approx(best.value, abs=1e-6)
 
 
-def test_a_stopped_search_started_again_continues_its_study(tmp_path, small_corpus):
+def test_a_stopped_search_started_again_continues_its_study(tmp_path, empty_store,
+                                                            small_corpus, monkeypatch, capsys):
+    seed(empty_store, tmp_path)
     stop = ["+callbacks.stop._target_=interrupt.SignalAt",
             f"+callbacks.stop.marker={tmp_path / 'fired'}", "+callbacks.stop.step=15",
             f"+callbacks.stop.signum={signal.SIGINT}"]
     command = [*SEARCH, "hydra.sweeper.n_trials=3", *stop]
+    # the stop signal goes to a gptlab-train process; the starts after it (the marker says the
+    # signal fired: none is sent again) continue the study in this process
     first = run_cli("gptlab-train", command, tmp_path, small_corpus)
     assert first.returncode == 130, first.stderr[-3000:]
     parent, kids = study_runs(tmp_path)
     assert parent.info.status == "KILLED" and [r.info.status for r in kids] == ["KILLED"]
-    again = run_cli("gptlab-train", command, tmp_path, small_corpus)
-    assert again.returncode == 0, again.stderr[-3000:]
+    code, _, err = train(monkeypatch, tmp_path, small_corpus, command, capsys)
+    assert code == 0, err[-3000:]
     trials = load(tmp_path).get_trials()
     # the stopped trial is run again as a new one; three trials counted in all
     assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
@@ -80,14 +111,15 @@ def test_a_stopped_search_started_again_continues_its_study(tmp_path, small_corp
     assert same_parent.info.status == "FINISHED"
     assert sorted(r.info.status for r in kids) == ["FINISHED"] * 3 + ["KILLED"]
     # asked for more trials, the study goes on from where it stands
-    more = run_cli("gptlab-train", [*command, "hydra.sweeper.n_trials=4"], tmp_path,
-                   small_corpus)
-    assert more.returncode == 0, more.stderr[-3000:]
+    code, _, err = train(monkeypatch, tmp_path, small_corpus,
+                         [*command, "hydra.sweeper.n_trials=4"], capsys)
+    assert code == 0, err[-3000:]
     assert len(load(tmp_path).get_trials(states=(TrialState.COMPLETE,))) == 4
     assert len(study_runs(tmp_path)[1]) == 5
 
 
-def test_processes_share_a_study_kept_in_postgresql(postgres, tmp_path, small_corpus):
+def test_processes_share_a_study_kept_in_postgresql(postgres, tmp_path, small_corpus,
+                                                   monkeypatch, capsys):
     url = postgres.create_database(driver=False)  # a plain postgresql:// URL, as users give
     command = [str(BIN / "gptlab-train"), *SEARCH, "hydra.sweeper.n_trials=4",
                f"hydra.sweeper.storage={url}"]
@@ -104,19 +136,21 @@ def test_processes_share_a_study_kept_in_postgresql(postgres, tmp_path, small_co
     assert parent.info.status == "FINISHED" and len(kids) == 4
     # a wrong password: one line, the password not shown, nothing recorded
     wrong = url.replace(f":{postgres.PASSWORD}@", ":not-the-password@")
-    res = run_cli("gptlab-train", [*SEARCH, f"hydra.sweeper.storage={wrong}"], tmp_path,
-                  small_corpus)
-    line = one_line_error(res.returncode, res.stderr, "cannot open the study storage",
+    code, _, err = train(monkeypatch, tmp_path, small_corpus,
+                         [*SEARCH, f"hydra.sweeper.storage={wrong}"], capsys)
+    line = one_line_error(code, err, "cannot open the study storage",
                           "password authentication failed")
     assert "not-the-password" not in line
     assert len(study_runs(tmp_path)[1]) == 4
 
 
 @pytest.fixture(scope="module")
-def one_trial(tmp_path_factory, small_corpus):
-    tmp = tmp_path_factory.mktemp("study")
-    res = run_cli("gptlab-train", [*SEARCH, "hydra.sweeper.n_trials=1"], tmp, small_corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
+def one_trial(tmp_path_factory, small_corpus, empty_store):
+    tmp = seed(empty_store, tmp_path_factory.mktemp("study"))
+    with pytest.MonkeyPatch.context() as m:
+        code = call_main(m, tmp, small_corpus, train_cli.main,
+                         [*SEARCH, "hydra.sweeper.n_trials=1"])
+    assert code == 0
     return tmp
 
 
@@ -128,12 +162,13 @@ def one_trial(tmp_path_factory, small_corpus):
     (["hydra.sweeper.storage=mysql://x/y"], ["sqlite:///", "postgresql://"]),
     (["hydra.sweeper.n_trials=0"], ["n_trials"]),
 ])
-def test_a_bad_search_is_one_line_and_records_nothing(one_trial, small_corpus, override, words):
+def test_a_bad_search_is_one_line_and_records_nothing(one_trial, small_corpus, monkeypatch,
+                                                     capsys, override, words):
     before = {r.info.run_id: r.info.status for r in runs_in(one_trial)}
     trials = len(load(one_trial).get_trials())
-    res = run_cli("gptlab-train", [*SEARCH, "hydra.sweeper.n_trials=2", *override], one_trial,
-                  small_corpus)
-    line = one_line_error(res.returncode, res.stderr, *words)
+    code, _, err = train(monkeypatch, one_trial, small_corpus,
+                         [*SEARCH, "hydra.sweeper.n_trials=2", *override], capsys)
+    line = one_line_error(code, err, *words)
     assert "wrong" not in line  # a password is never printed
     assert {r.info.run_id: r.info.status for r in runs_in(one_trial)} == before
     assert len(load(one_trial).get_trials()) == trials

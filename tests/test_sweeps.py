@@ -1,4 +1,8 @@
-"""Sweeps from the shell: nested MLflow runs, parallel jobs, Optuna, comparison, the UI server."""
+"""Sweeps from the shell: nested MLflow runs, parallel jobs, Optuna, comparison, the UI server.
+
+A sweep through Hydra's basic launcher runs its jobs in the gptlab-train process: those run
+here, in this process (call_main), without a process's start-up; parallel jobs and a stop
+signal run in processes of their own, as they do for a user."""
 
 import json
 import os
@@ -12,11 +16,39 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY_GPT, cli_env, free_port, run_cli, store_uri
+from conftest import (
+    BIN,
+    TINY_GPT,
+    call_main,
+    cli_env,
+    free_port,
+    run_cli,
+    seed,
+    store_uri,
+)
 from gptlab.cli import compare as compare_cli
+from gptlab.cli import train as train_cli
 from gptlab.tracking import comparison
 
 SWEEP = [o for o in TINY_GPT if not o.startswith(("model.n_embd", "model.n_head"))]
+
+
+
+@pytest.fixture
+def train_here(monkeypatch, tmp_path, empty_store, small_corpus, capsys):
+    """`gptlab-train ARGS` in this process, in tmp_path (its store made beforehand, see
+    empty_store): (exit code, stdout, stderr). A sweep's state in this process is put back
+    afterwards: a later command here neither takes its exit code from the sweeps ended
+    before it nor filters its console as a sweep's job."""
+    seed(empty_store, tmp_path)
+
+    def call(args: list[str]) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = call_main(monkeypatch, tmp_path, small_corpus, train_cli.main, args)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
 
 
 def children(client, parent_id):
@@ -32,14 +64,15 @@ def sweep_parent(client, experiment):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, small_corpus):
-    """`gptlab-train -m` over 2 x 2 values of a tiny GPT."""
-    tmp = tmp_path_factory.mktemp("sweep")
-    res = run_cli("gptlab-train", ["-m", "model.n_embd=16,32", "optim.lr=1e-3,3e-3",
-                                   "model.n_head=2", *SWEEP, "logger.experiment_name=sweep"],
-                  tmp, small_corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return tmp, res
+def swept(tmp_path_factory, small_corpus, empty_store):
+    """`gptlab-train -m` over 2 x 2 values of a tiny GPT (in this process)."""
+    tmp = seed(empty_store, tmp_path_factory.mktemp("sweep"))
+    with pytest.MonkeyPatch.context() as m:
+        code = call_main(m, tmp, small_corpus, train_cli.main,
+                         ["-m", "model.n_embd=16,32", "optim.lr=1e-3,3e-3", "model.n_head=2",
+                          *SWEEP, "logger.experiment_name=sweep"])
+    assert code == 0
+    return tmp, code
 
 
 def test_multirun_nests_named_children_under_one_parent(swept):
@@ -96,12 +129,12 @@ def test_compare_bad_input(swept, capsys, args, words):
     assert all(w in err for w in words), err
 
 
-def test_failing_job_is_recorded_and_others_finish(tmp_path, small_corpus):
-    res = run_cli("gptlab-train", ["-m", "model.n_head=2,3", "model.n_embd=16", *SWEEP,
-                                   "logger.experiment_name=failing"], tmp_path, small_corpus)
-    assert res.returncode == 2
-    assert "Traceback" not in res.stderr
-    assert "divisible" in res.stderr and "1 of 2 jobs failed" in res.stderr
+def test_failing_job_is_recorded_and_others_finish(train_here, tmp_path):
+    code, _, err = train_here(["-m", "model.n_head=2,3", "model.n_embd=16", *SWEEP,
+                               "logger.experiment_name=failing"])
+    assert code == 2
+    assert "Traceback" not in err
+    assert "divisible" in err and "1 of 2 jobs failed" in err
     client = MlflowClient(store_uri(tmp_path))
     parent = sweep_parent(client, "failing")
     assert parent.info.status == "FAILED"
@@ -133,11 +166,10 @@ def test_parallel_jobs_share_an_empty_store(tmp_path, small_corpus):
         assert r.data.tags["gptlab.best_checkpoint"] in names
 
 
-def test_optuna_search(tmp_path, small_corpus):
-    res = run_cli("gptlab-train", ["hparams_search=lr_dropout_optuna", "hydra.sweeper.n_trials=3",
-                                   *TINY_GPT, "logger.experiment_name=optuna"],
-                  tmp_path, small_corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_optuna_search(train_here, tmp_path):
+    code, _, err = train_here(["hparams_search=lr_dropout_optuna", "hydra.sweeper.n_trials=3",
+                               *TINY_GPT, "logger.experiment_name=optuna"])
+    assert code == 0, err[-3000:]
     client = MlflowClient(store_uri(tmp_path))
     parent = sweep_parent(client, "optuna")
     assert parent.data.params["swept"] == "optim.lr, model.dropout"
@@ -154,12 +186,11 @@ def test_optuna_search(tmp_path, small_corpus):
     assert results["best_value"] == pytest.approx(best, abs=1e-6)
 
 
-def test_unreachable_server_fails_before_training(tmp_path, small_corpus):
+def test_unreachable_server_fails_before_training(train_here, tmp_path):
     start = time.time()
-    res = run_cli("gptlab-train", [*TINY_GPT, f"logger.tracking_uri=http://127.0.0.1:{free_port()}"],
-                  tmp_path, small_corpus)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.count("cannot reach the MLflow tracking store") == 1
+    code, _, err = train_here([*TINY_GPT, f"logger.tracking_uri=http://127.0.0.1:{free_port()}"])
+    assert code == 2 and "Traceback" not in err
+    assert err.count("cannot reach the MLflow tracking store") == 1
     assert not list(tmp_path.rglob("*.ckpt"))
     assert time.time() - start < 60
 
@@ -211,14 +242,13 @@ def test_mlflow_server_shows_the_sweep(swept, tmp_path):
         server.wait(timeout=30)
 
 
-def test_every_job_of_a_sweep_ends_recorded_whatever_it_died_of(tmp_path, small_corpus):
+def test_every_job_of_a_sweep_ends_recorded_whatever_it_died_of(train_here, tmp_path):
     # job 0: refused by a config check before its run opens; job 1: a bug at step 3;
     # job 2: finishes
-    res = run_cli("gptlab-train", ["-m", "+callbacks.boom._target_=interrupt.RaiseAt",
-                                   "+callbacks.boom.step=3,1000", *TINY_GPT,
-                                   "trainer.max_steps=0,20", "logger.experiment_name=mixed"],
-                  tmp_path, small_corpus)
-    assert res.returncode == 2, res.stderr[-3000:]
+    code, _, err = train_here(["-m", "+callbacks.boom._target_=interrupt.RaiseAt",
+                               "+callbacks.boom.step=3,1000", *TINY_GPT, "trainer.max_steps=0,20",
+                               "logger.experiment_name=mixed"])
+    assert code == 2, err[-3000:]
     client = MlflowClient(store_uri(tmp_path))
     parent = sweep_parent(client, "mixed")
     assert parent.info.status == "FAILED"
@@ -229,10 +259,13 @@ def test_every_job_of_a_sweep_ends_recorded_whatever_it_died_of(tmp_path, small_
     assert "trainer.max_steps" in runs["step=3 max_steps=0"].data.tags["gptlab.error"]
     assert runs["step=3 max_steps=20"].data.tags["gptlab.error"] == \
         "RuntimeError: boom at step 3"
-    assert "3 of 4 jobs failed" in res.stderr and "step=3 max_steps=20" in res.stderr
+    assert "3 of 4 jobs failed" in err and "step=3 max_steps=20" in err
 
 
-def test_a_stop_signal_stops_the_sweep_and_records_it_killed(tmp_path, small_corpus):
+def test_a_stop_signal_stops_the_sweep_and_records_it_killed(tmp_path, empty_store,
+                                                             small_corpus):
+    # a gptlab-train process of its own: the signal goes to it
+    seed(empty_store, tmp_path)
     res = run_cli("gptlab-train", ["-m", "optim.lr=1e-3,2e-3", *TINY_GPT,
                                    "+callbacks.stop._target_=interrupt.SignalAt",
                                    f"+callbacks.stop.marker={tmp_path / 'fired'}",
@@ -247,10 +280,10 @@ def test_a_stop_signal_stops_the_sweep_and_records_it_killed(tmp_path, small_cor
     assert [(r.info.run_name, r.info.status) for r in runs] == [("lr=0.001", "KILLED")]
 
 
-def test_repeated_seeds_are_grouped_with_statistics(tmp_path, small_corpus, capsys):
-    res = run_cli("gptlab-train", ["-m", *TINY_GPT, "seed=0,1,2", "model.n_layer=1,2",
-                                   "logger.experiment_name=seeds"], tmp_path, small_corpus)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_repeated_seeds_are_grouped_with_statistics(train_here, tmp_path, capsys):
+    code, _, err = train_here(["-m", *TINY_GPT, "seed=0,1,2", "model.n_layer=1,2",
+                               "logger.experiment_name=seeds"])
+    assert code == 0, err[-3000:]
     png = tmp_path / "bands.png"
     out = comparison.compare("seeds", "latest", str(png), store_uri(tmp_path),
                              by=["model.n_layer"], baseline="n_layer=1")
