@@ -264,6 +264,21 @@ def test_groups_of_repeated_runs_with_interval_and_welch_p():
     assert base["diff"] == 0.0 and base["p (Welch)"] != base["p (Welch)"]  # nan
 
 
+def test_the_baseline_is_named_with_keys_as_by_takes_them_or_as_the_table_shows_them():
+    rows = [stats_row(f"r{i}", lr, str(i), v) for i, (lr, v) in
+            enumerate((("0.001", 1.0), ("0.001", 2.0), ("0.003", 4.0), ("0.003", 5.0)))]
+    for baseline in ("optim.lr=0.001", "lr=0.001"):
+        table = {g["group"]: g for g in comparison.groups(rows, ["optim.lr"], baseline)}
+        assert table["lr=0.001"]["diff"] == 0.0 and table["lr=0.003"]["diff"] == 3.0
+    rows = [{**r, "_params": {**r["_params"], "model.pos_emb": "rope"}} for r in rows]
+    table = comparison.groups(rows, ["optim.lr", "model.pos_emb"],
+                              "optim.lr=0.003 model.pos_emb=rope")
+    assert {g["group"]: g["diff"] for g in table} == {"lr=0.001 pos_emb=rope": -3.0,
+                                                     "lr=0.003 pos_emb=rope": 0.0}
+    with pytest.raises(GptlabError, match="names no group"):
+        comparison.groups(rows, ["optim.lr"], "optim.lr=0.1")
+
+
 def test_group_bad_input():
     rows = [stats_row("a", "0.001", "0", 1.0)]
     with pytest.raises(GptlabError, match="names no group.*lr=0.001"):

@@ -57,12 +57,14 @@ def test_a_bpe_run_carries_its_tokenizer(runs, small_corpus, monkeypatch, capsys
     logged = client.download_artifacts(run.info.run_id, "tokenizer.json", str(tmp))
     tok = tokenizers.from_spec("bpe", open(logged, encoding="utf-8").read())
     assert tok.vocab_size == 300
-    # sampling needs neither the corpus nor a new BPE, and takes any prompt
+    # sampling needs neither the corpus nor a new BPE, and takes any prompt exactly as the
+    # shell hands it (no Hydra syntax: commas, quotes and brackets are text)
+    prompt = 'Hello ☃ world, "quoted" [x] ${x} é'
     code, out, err = cli(monkeypatch, capsys, tmp, tmp / "no-such-corpus.txt", sample_cli.main,
-                         [f"run_id={run.info.run_id}", "prompt='Wherefore ✓ é'",
+                         [f"run_id={run.info.run_id}", f"prompt={prompt}",
                           "max_new_tokens=10"])
     assert code == 0, err
-    assert out.startswith("Wherefore ✓ é")
+    assert out.startswith(prompt)
 
 
 def test_bpe_run_resumes_with_its_own_tokenizer(in_process, capsys, tmp_path):

@@ -148,8 +148,7 @@ def test_bad_sampling_input(in_process, capsys, trained, monkeypatch):
     no_fields = tmp / "plain.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, no_fields)
     cases = [
-        # quoted, as Hydra's override grammar wants for characters beyond ASCII
-        ([f"run_id={run_id}", "prompt='ROMEO€'"], ["€"]),
+        ([f"run_id={run_id}", "prompt=ROMEO€"], ["€"]),
         ([f"run_id={run_id}", "temperature=0"], ["temperature"]),
         ([f"run_id={run_id}", "temperature=nan"], ["temperature"]),
         ([f"run_id={run_id}", "max_new_tokens=abc"], ["max_new_tokens"]),

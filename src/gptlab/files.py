@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,15 @@ def write_atomic(path: Path, text: str) -> None:
     """Write a text file whole or not at all."""
     with replaced_whole(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a text file whole, readable by its owner alone (mode 0600) from its first byte:
+    secrets and URLs with passwords."""
+    with replaced_whole(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 @contextlib.contextmanager
@@ -73,3 +83,18 @@ def check_writable(folder: Path, what: str) -> None:
     except OSError as e:
         raise GptlabError(f"{what} {folder} cannot be written: "
                           f"{e.strerror or first_line(e)}") from None
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file's whole text; `-` reads standard input."""
+    if path == "-":
+        data, where = sys.stdin.buffer.read(), "standard input"
+    else:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise GptlabError(f"text file not found: {p}")
+        data, where = p.read_bytes(), str(p)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None

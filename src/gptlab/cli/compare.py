@@ -4,7 +4,7 @@ as a plot of their validation-loss curves.
     gptlab-compare                                   # runs of the default experiment
     gptlab-compare --experiment lecture_progression --plot curves.png
     gptlab-compare --sweep latest                    # the children of the newest sweep
-    gptlab-compare --sweep latest --by model.pos_emb --baseline pos_emb=learned
+    gptlab-compare --sweep latest --by model.pos_emb --baseline model.pos_emb=learned
 
 MLflow is imported once the arguments are read (gptlab.tracking.comparison), so that --help and a
 wrong argument answer at once.
@@ -58,8 +58,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="group runs that agree on these params (default: runs that differ "
                          "only in seed form a group)")
     ap.add_argument("--baseline", metavar="GROUP",
-                    help="a group's name (as the table shows it): the other groups' "
-                         "difference to it and Welch's p-value")
+                    help="a group, as KEY=VALUE pairs with the keys as --by names them "
+                         "(model.pos_emb=learned) or as the table shows them "
+                         "(pos_emb=learned): the other groups' difference to it and "
+                         "Welch's p-value")
     ap.add_argument("--metric", choices=("val/loss", "val/bpc"),
                     help="what ranks, groups and plots the runs (default: val/loss, or "
                          "val/bpc where the runs' tokenizers differ: losses per token do not "

@@ -22,6 +22,11 @@ from omegaconf import DictConfig
 
 from gptlab import CONF_DIR
 from gptlab.errors import GptlabError, after_hydra, exit_on_error
+from gptlab.files import read_text
+from gptlab.overrides import free_text
+
+# keys taken exactly as typed, outside Hydra's grammar (gptlab/overrides.py)
+FREE_TEXT = ("text", "name")
 
 
 @dataclass
@@ -32,21 +37,17 @@ class Score:
 
 
 def read_scored_text(path: str) -> str:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise GptlabError(f"text file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GptlabError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    """The text to score: a UTF-8 file, or standard input for `-`."""
+    text = read_text(path)
     if not text:
-        raise GptlabError(f"{p} is empty: nothing to score")
+        raise GptlabError(f"{'standard input' if path == '-' else path} is empty: "
+                          "nothing to score")
     return text
 
 
 def metric_name(path: str, name: str | None) -> str:
     """`eval/<name>/bpc`, the name made of what MLflow allows in a metric's name."""
-    stem = name or Path(path).stem
+    stem = name or ("stdin" if path == "-" else Path(path).stem)
     return f"eval/{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}/bpc"
 
 
@@ -119,6 +120,7 @@ def _task(cfg: DictConfig) -> None:
 
 @exit_on_error
 def main() -> None:
+    sys.argv[1:] = free_text(sys.argv[1:], FREE_TEXT)
     _task()
     _task.reraise()
 

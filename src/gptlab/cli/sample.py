@@ -19,10 +19,20 @@ from omegaconf import DictConfig
 
 from gptlab import CONF_DIR
 from gptlab.errors import GptlabError, after_hydra, exit_on_error
+from gptlab.files import read_text
+from gptlab.overrides import free_text
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
+    from torch import nn
+
+    from gptlab.data.tokenizer import Tokenizer
+
+# keys taken exactly as typed, outside Hydra's grammar (gptlab/overrides.py)
+FREE_TEXT = ("prompt", "prompt_file")
 
 def check_sample_config(cfg: DictConfig) -> None:
     from gptlab.models import check_sampling_args, check_window
@@ -33,8 +43,6 @@ def check_sample_config(cfg: DictConfig) -> None:
     checks.integer(cfg, "max_new_tokens", minimum=0)
     checks.integer(cfg, "num_samples")
     checks.integer(cfg, "seed", minimum=0)
-    if not isinstance(cfg.prompt, str):
-        raise GptlabError(f"prompt must be text, got {cfg.prompt!r}")
     check_device(str(cfg.device))
 
 
@@ -50,6 +58,15 @@ def check_device(device: str) -> None:
     if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
         raise GptlabError(f"device={device}: this machine has {torch.cuda.device_count()} "
                           "CUDA devices")
+
+
+def prompt_of(cfg: DictConfig) -> str:
+    """The prompt: prompt=, or the text of prompt_file= (a file, or - for standard input)."""
+    if cfg.prompt_file is None:
+        return str(cfg.prompt)
+    if cfg.prompt != "\n":
+        raise GptlabError("give prompt= or prompt_file=, not both")
+    return read_text(str(cfg.prompt_file))
 
 
 def checkpoint_name(client: MlflowClient, run: Run, which: str) -> str:
@@ -109,22 +126,43 @@ def open_checkpoint(cfg: DictConfig, tool: str) -> tuple[dict, Run | None, Mlflo
     return ckpt, run, client
 
 
-def sample(cfg: DictConfig) -> list[str]:
+def sample(cfg: DictConfig) -> None:
+    """Print the samples; one sample is printed as it is made."""
+    from gptlab.models.generation import generate_text, stream_text
+
     check_sample_config(cfg)
-    if cfg.get("model"):
-        texts = sample_model(cfg)
-    else:
-        texts = sample_checkpoint(cfg)
-    for i, text in enumerate(texts):
-        if len(texts) > 1:
-            print(f"--- sample {i + 1} ---")
+    prompt = prompt_of(cfg)
+    model, tok = from_model(cfg) if cfg.get("model") else from_checkpoint(cfg)
+    model.to(cfg.device)
+    args = (model, tok, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
+            cfg.num_samples, cfg.device, cfg.kv_cache, cfg.window)
+    if cfg.num_samples == 1:
+        print_as_made(stream_text(*args))
+        return
+    for i, text in enumerate(generate_text(*args)):
+        print(f"--- sample {i + 1} ---")
         print(text)
     sys.stdout.flush()
-    return texts
 
 
-def sample_model(cfg: DictConfig) -> list[str]:
-    """From a logged or registered MLflow model (model=models:/<name>@<alias>)."""
+def print_as_made(pieces: Iterator[list[str]]) -> None:
+    """Each piece of one sample printed as it comes; Ctrl-C ends the text where it is (what
+    was printed stays printed) and the command with 130, as a shell expects."""
+    made = -1  # the first piece is the prompt
+    try:
+        for (piece,) in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            made += 1
+    except KeyboardInterrupt:
+        print(flush=True)
+        print(f"gptlab-sample: stopped after {max(made, 0):,} tokens", file=sys.stderr)
+        raise SystemExit(130) from None
+    print(flush=True)
+
+
+def from_model(cfg: DictConfig) -> tuple[nn.Module, Tokenizer]:
+    """A logged or registered MLflow model's (model=models:/<name>@<alias>)."""
     from gptlab.tracking import logged_model, store
 
     uri = str(cfg.model)
@@ -137,24 +175,16 @@ def sample_model(cfg: DictConfig) -> list[str]:
     generator = logged_model.load(uri)
     print(f"gptlab-sample: model {uri}, step {generator.info['step']}", file=sys.stderr,
           flush=True)
-    generator.model.to(cfg.device)
-    return generator.generate([str(cfg.prompt)], cfg.max_new_tokens, cfg.temperature,
-                              cfg.top_k, cfg.seed, cfg.num_samples, cfg.kv_cache, cfg.window)
+    return generator.model, generator.tokenizer
 
 
-def sample_checkpoint(cfg: DictConfig) -> list[str]:
-    """From a run's checkpoint (run_id=, which=) or a checkpoint file (checkpoint=)."""
+def from_checkpoint(cfg: DictConfig) -> tuple[nn.Module, Tokenizer]:
+    """A run's checkpoint's (run_id=, which=) or a checkpoint file's (checkpoint=)."""
     from gptlab.data import tokenizer as tokenizers
     from gptlab.models import checkpoints
-    from gptlab.models.generation import generate_text
 
     ckpt, _, _ = open_checkpoint(cfg, "gptlab-sample")
-    info = ckpt["gptlab"]
-    model = checkpoints.model_from_checkpoint(ckpt).to(cfg.device)
-    return generate_text(
-        model, tokenizers.from_checkpoint(info), str(cfg.prompt), cfg.max_new_tokens,
-        cfg.temperature, cfg.top_k, cfg.seed, cfg.num_samples, cfg.device, cfg.kv_cache,
-        cfg.window)
+    return checkpoints.model_from_checkpoint(ckpt), tokenizers.from_checkpoint(ckpt["gptlab"])
 
 
 @hydra.main(config_path=f"{CONF_DIR}/sample", config_name="sample", version_base="1.3")
@@ -165,6 +195,7 @@ def _task(cfg: DictConfig) -> None:
 
 @exit_on_error
 def main() -> None:
+    sys.argv[1:] = free_text(sys.argv[1:], FREE_TEXT)
     _task()
     _task.reraise()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,24 @@ def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None 
         logits[logits < v[:, [-1]]] = -float("inf")
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def sampled(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+            top_k: int | None = None, kv_cache: bool = True, window: str = "half",
+            generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """The tokens (B, 1) sampled after idx (B, T), one at a time as they are made (what a
+    stream prints at once, and a time budget can stop). The model's `predict` keeps only the
+    context it reads, so memory stays flat however many tokens are asked for."""
+    check_sampling_args(temperature, top_k)
+    if max_new_tokens <= 0:
+        return
+    stream = model.predict(idx, kv_cache, window)
+    logits = next(stream)
+    for i in range(max_new_tokens):
+        idx_next = pick_next(logits, temperature, top_k, generator)
+        yield idx_next
+        if i + 1 < max_new_tokens:
+            logits = stream.send(idx_next)
 
 
 def check_sampling_args(temperature: float, top_k: int | None) -> None:

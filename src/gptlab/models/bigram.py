@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 from torch import nn
 
-from gptlab.models import check_sampling_args, check_window, pick_next
+from gptlab.models import check_window, sampled
 
 
 class BigramLanguageModel(nn.Module):
@@ -25,10 +27,14 @@ class BigramLanguageModel(nn.Module):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to idx (B, T). `kv_cache` and `window` are
         accepted for a common interface; a bigram reads only the last token."""
-        check_sampling_args(temperature, top_k)
+        new = sampled(self, idx, max_new_tokens, temperature, top_k, kv_cache, window, generator)
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def predict(self, idx: torch.Tensor, kv_cache: bool = True, window: str = "half"
+                ) -> Generator[torch.Tensor, torch.Tensor, None]:
+        """Yield the logits (B, V) of the token after idx (B, T), then after each token sent."""
         check_window(window, 1)
-        for _ in range(max_new_tokens):
+        while True:
             # the next token depends on the last one only, so the context is one token
-            logits = self(idx[:, -1:])[:, -1, :]  # (B, V)
-            idx = torch.cat((idx, pick_next(logits, temperature, top_k, generator)), dim=1)
-        return idx
+            idx = yield self(idx[:, -1:])[:, -1, :]  # (B, V)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from gptlab.errors import GptlabError, first_line
-from gptlab.models import build_model
+from gptlab.models import build_model, memory
 
 STEP_NAME = re.compile(r"^step_(\d{6,})\.ckpt$")
 REQUIRED = ("model_class", "model_kwargs", "vocab", "step")
@@ -47,7 +47,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         if f.read(2) != b"PK":  # torch.save writes a zip archive
             raise GptlabError(f"cannot read checkpoint {path}: not a PyTorch checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # mapped, not read: a model too big for memory is refused before its weights load
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupted or unsafe files all land here
         raise GptlabError(f"cannot read checkpoint {path}: {_load_problem(e)}") from None
     info = ckpt.get("gptlab") if isinstance(ckpt, dict) else None
@@ -74,7 +75,12 @@ def _load_problem(e: Exception) -> str:
 def model_from_checkpoint(ckpt: Mapping[str, Any]) -> nn.Module:
     """The model a checkpoint describes, with its weights."""
     info = ckpt["gptlab"]
-    model = build_model(info["model_class"], dict(info["model_kwargs"]))
+    kwargs = dict(info["model_kwargs"])
+    # refused before it is built where this machine cannot hold it (the weights themselves
+    # are still on disk: read_checkpoint maps the file)
+    memory.check_fits(memory.weights(memory.count_parameters(
+        lambda: build_model(info["model_class"], kwargs))))
+    model = build_model(info["model_class"], kwargs)
     try:
         model.load_state_dict(model_weights(ckpt["state_dict"]))
     except RuntimeError as e:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.errors import GptlabError
-from gptlab.models import check_sampling_args, check_window, pick_next
+from gptlab.models import check_window, sampled
 from gptlab.models.averaging import AGGREGATIONS
 
 POS_EMBS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu2")
@@ -313,15 +313,8 @@ class GPT(nn.Module):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to idx (B, T); `window` and `kv_cache` as
         in `predict`."""
-        check_sampling_args(temperature, top_k)
-        stream = self.predict(idx, kv_cache, window)
-        logits = next(stream)
-        for i in range(max_new_tokens):
-            idx_next = pick_next(logits, temperature, top_k, generator)
-            idx = torch.cat((idx, idx_next), dim=1)
-            if i + 1 < max_new_tokens:
-                logits = stream.send(idx_next)
-        return idx
+        new = sampled(self, idx, max_new_tokens, temperature, top_k, kv_cache, window, generator)
+        return torch.cat([idx, *new], dim=1)
 
     @torch.no_grad()
     def predict(self, idx: torch.Tensor, kv_cache: bool = True,
@@ -347,21 +340,23 @@ class GPT(nn.Module):
         if window == "shift" and self.rotary is None:
             raise GptlabError("window=shift needs a model with rotary positions "
                               "(model.pos_emb=rope); use half or slide")
-        start = max(0, idx.size(1) - self.block_size)  # first token of the context
-        origin = start  # where positions count from while the cache is kept (shift)
+        ctx = idx[:, -self.block_size:]  # what the model reads; nothing older is kept
+        origin = 0  # where positions count from in ctx while the cache is kept (shift)
         cache: KVCache | None = None
         while True:
-            T = idx.size(1)
-            if T - start > self.block_size:
-                start = T - keep
+            T = ctx.size(1)
+            if T > self.block_size:
+                drop = T - keep
+                ctx, T = ctx[:, drop:], keep
                 if window == "shift" and cache is not None:
+                    origin -= drop
                     for layer in cache:
                         layer.drop_oldest()
                 else:
-                    origin, cache = start, None
+                    origin, cache = 0, None
             if kv_cache and cache is not None:
-                logits = self(idx[:, -1:], kv_cache=cache, pos_offset=T - 1 - origin)
+                logits = self(ctx[:, -1:], kv_cache=cache, pos_offset=T - 1 - origin)
             else:
                 cache = [LayerCache(self.block_size) for _ in self.h] if kv_cache else None
-                logits = self(idx[:, start:], kv_cache=cache)
-            idx = torch.cat((idx, (yield logits[:, -1, :])), dim=1)
+                logits = self(ctx, kv_cache=cache)
+            ctx = torch.cat((ctx, (yield logits[:, -1, :])), dim=1)

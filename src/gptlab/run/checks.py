@@ -8,6 +8,7 @@ learning rate).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -17,8 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.errors import GptlabError, gptlab_cause
-from gptlab.models import check_sampling_args, check_window
-from gptlab.run.devices import check_devices
+from gptlab.models import check_sampling_args, check_window, memory
+from gptlab.run.devices import check_devices, processes_per_node
 from gptlab.run.optim import OPTIMIZERS
 from gptlab.run.schedule import SCHEDULES
 
@@ -105,6 +106,23 @@ def check_train_config(cfg: DictConfig) -> None:
     integer(cfg, "callbacks.sample.max_new_tokens", minimum=0)
     integer(cfg, "callbacks.final_sample_tokens", minimum=0)
     number(cfg, "logger.outage_timeout", 0.0, low_open=True)
+    if cfg.logger.get("serve_limits") is not None:
+        from gptlab.tracking.logged_model import serve_limits
+
+        serve_limits(OmegaConf.to_container(cfg.logger.serve_limits), environ={})
+
+
+def check_memory(cfg: DictConfig, params: int, vocab_size: int) -> None:
+    """Refuse a model of `params` parameters that this machine's processes cannot train."""
+    need = memory.training(params, cfg.optim.get("name", "adamw"), cfg.data.batch_size,
+                           cfg.data.block_size, vocab_size)
+    advice = "make the model (model.n_layer, model.n_embd) or the batch (data.batch_size) smaller"
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda"):
+        memory.check_fits(need, f"cuda:{torch.cuda.current_device()}", advice=advice)
+    elif int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        # the CPU processes of a node share its memory; the first checks for all of them,
+        # before the others have taken any
+        memory.check_fits(need, "cpu", processes_per_node(cfg.trainer), advice)
 
 
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from gptlab.console import log
 from gptlab.data import tokenizer as tokenizers
 from gptlab.data.datamodule import CorpusDataModule
 from gptlab.errors import GptlabError, StopRequested
-from gptlab.models import class_path
+from gptlab.models import class_path, memory
 from gptlab.models.checkpoints import check_matches, model_weights
 from gptlab.run import checks, ddp
 from gptlab.run.callbacks import RunCheckpoints, sample_text
@@ -43,7 +44,8 @@ from gptlab.tracking.recorder import RunLogger
 
 # the `logger` group's own keys; any other entry with a _target_ is a Lightning logger
 MLFLOW_SETTINGS = ("tracking_uri", "experiment_name", "run_name", "enabled", "outage_timeout",
-                   "log_model", "register_model", "system_metrics", "system_metrics_interval")
+                   "log_model", "register_model", "serve_limits", "system_metrics",
+                   "system_metrics_interval")
 
 # Lightning's start-up banners ("GPU available", hosted-service tips) are informational
 # messages of this logger; gptlab prints its own summary of what it runs on
@@ -56,16 +58,23 @@ warnings.filterwarnings("ignore", category=FutureWarning,
                         module="pytorch_lightning.utilities._pytree")
 
 
-def build_model(model_cfg: DictConfig, vocab_size: int, block_size: int
+def build_model(model_cfg: DictConfig, vocab_size: int, block_size: int,
+                fits: Callable[[int], None] | None = None
                 ) -> tuple[torch.nn.Module, dict[str, Any], bool]:
     """The model a `model/` config describes, its constructor arguments (what a checkpoint
-    records) and whether to compile it; vocab and block size come from the data."""
+    records) and whether to compile it; vocab and block size come from the data. `fits` is
+    given the parameter count first, before a byte of the model is allocated."""
     kwargs = OmegaConf.to_container(model_cfg, resolve=True)
     target = kwargs.pop("_target_")
     compile_model = bool(kwargs.pop("compile", False))  # a training option, not an argument
     kwargs.update(vocab_size=vocab_size, block_size=block_size)
-    model = checks.instantiate(OmegaConf.create({"_target_": target}), "model", **kwargs)
-    return model, kwargs, compile_model
+
+    def build() -> torch.nn.Module:
+        return checks.instantiate(OmegaConf.create({"_target_": target}), "model", **kwargs)
+
+    if fits is not None:
+        fits(memory.count_parameters(build))
+    return build(), kwargs, compile_model
 
 
 def steps_of(cfg: DictConfig) -> Steps:
@@ -140,7 +149,9 @@ def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
         dm.given_tokenizer = tokenizers.from_checkpoint(resume.ckpt["gptlab"])
     dm.stop_check = stop.check  # Ctrl-C stops a first run's prepare, which leaves nothing
     dm.setup()
-    model, model_kwargs, compile_model = build_model(cfg.model, dm.vocab_size, dm.block_size)
+    model, model_kwargs, compile_model = build_model(
+        cfg.model, dm.vocab_size, dm.block_size,
+        fits=lambda params: checks.check_memory(cfg, params, dm.vocab_size))
     info = {"model_class": class_path(model), "model_kwargs": model_kwargs,
             "vocab": dm.tokenizer.spec, "tokenizer": dm.tokenizer.kind,
             "code_version": store.git_commit()}
@@ -288,8 +299,10 @@ def log_model(s: Session, record: RunRecord) -> None:
     name = s.checkpoints.best_name
     with store.scratch() as scratch:
         path = store.download(record.client, record.run_id, f"checkpoints/{name}", scratch)
+        limits = s.cfg.logger.get("serve_limits")
         info = logged_model.log(record.client.tracking_uri, record.run_id, path,
-                                s.checkpoints.best_step, s.cfg.logger.get("register_model"))
+                                s.checkpoints.best_step, s.cfg.logger.get("register_model"),
+                                OmegaConf.to_container(limits) if limits else None)
     version = f", registered as {info.registered_model_version}" \
         if getattr(info, "registered_model_version", None) else ""
     log.info(f"model of step {s.checkpoints.best_step}: runs:/{record.run_id}/"

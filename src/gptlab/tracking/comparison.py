@@ -139,6 +139,15 @@ def group_name(params: dict[str, str], keys: Sequence[str]) -> str:
                     for k in keys) or "all"
 
 
+def named_group(name: str) -> str:
+    """A group's name as the table shows it, given with its keys as --by takes them
+    (`model.pos_emb=learned`) or as the table shows them (`pos_emb=learned`)."""
+    pairs = [pair.partition("=") for pair in name.split()]
+    if not pairs or not all(eq for _, eq, _ in pairs):
+        return name
+    return group_name({k: v for k, _, v in pairs}, [k for k, _, _ in pairs])
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -177,6 +186,8 @@ def groups(rows: Sequence[dict[str, Any]], keys: Sequence[str], baseline: str | 
     members: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         members.setdefault(group_name(row["_params"], keys), []).append(row)
+    if baseline is not None and baseline not in members:
+        baseline = named_group(baseline)
     if baseline is not None and baseline not in members:
         raise GptlabError(f"--baseline {baseline!r} names no group (groups: "
                           f"{', '.join(sorted(members))})")

@@ -13,6 +13,11 @@ resume needs stay in the run beside it.
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,35 @@ NAME = "model"  # the run's model: runs:/<id>/model
 WEIGHTS = "weights"  # the model's artifact: the slim checkpoint
 # params of predict(), as gptlab-sample's defaults (top_k 0: sample among all tokens)
 PARAMS = {"max_new_tokens": 500, "temperature": 1.0, "top_k": 0, "seed": 1337}
+# what one request may cost: chosen at training time (logger.serve_limits, kept in the model's
+# config), overridden where the model is served by GPTLAB_<KEY> (GPTLAB_MAX_NEW_TOKENS, ...).
+# MLflow's server answers a request in a thread of its own and cannot stop it (its timeout
+# answers 504 and leaves the thread running), so the time budget is kept here, token by token
+LIMITS = {"max_new_tokens": 2048, "max_prompts": 16, "max_prompt_chars": 16_384,
+          "request_seconds": 30.0}
+
+
+def serve_limits(model_config: Mapping[str, Any] | None,
+                 environ: Mapping[str, str] = os.environ) -> dict[str, float]:
+    """The limits a served model keeps: its own config's over the defaults, the environment's
+    over both."""
+    limits = {**LIMITS, **{k: v for k, v in (model_config or {}).items() if k in LIMITS}}
+    for key in LIMITS:
+        name = f"GPTLAB_{key.upper()}"
+        if name in environ:
+            limits[key] = environ[name]
+        try:
+            value = float(limits[key])
+        except (TypeError, ValueError):
+            value = math.nan
+        if not value > 0 or math.isinf(value) or (key != "request_seconds"
+                                                 and value != int(value)):
+            raise GptlabError(f"the serve limit {key} (logger.serve_limits.{key}, or {name} "
+                              "where the model is served) must be a positive "
+                              f"{'number' if key == 'request_seconds' else 'whole number'}, "
+                              f"got {limits[key]!r}")
+        limits[key] = value if key == "request_seconds" else int(value)
+    return limits
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
@@ -38,6 +72,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         from gptlab.data import tokenizer as tokenizers
         from gptlab.models.checkpoints import model_from_checkpoint, read_checkpoint
 
+        self.limits = serve_limits(getattr(context, "model_config", None))
         ckpt = read_checkpoint(Path(context.artifacts[WEIGHTS]))
         self.info = ckpt["gptlab"]
         self.model = model_from_checkpoint(ckpt)
@@ -49,15 +84,43 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> list[str]:
         try:
-            return self.generate(prompts_of(model_input), **{**PARAMS, **(params or {})})
+            prompts = prompts_of(model_input)
+            params = {**PARAMS, **(params or {})}
+            self.check_request(prompts, params["max_new_tokens"], params["top_k"])
+            deadline = time.monotonic() + self.limits["request_seconds"]
+            return self.generate(prompts, **params, deadline=deadline)
         except GptlabError as e:  # the server answers 400 with this one line
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
 
+    def check_request(self, prompts: list[str], max_new_tokens: Any, top_k: Any = 0) -> None:
+        """Refuse, before any work, a request past the limits this model is served with."""
+        limits, vocab = self.limits, self.tokenizer.vocab_size
+        if (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool)
+                and not 0 <= top_k <= vocab):
+            raise GptlabError(f"top_k must be from 0 (all tokens) to {vocab} (this model's "
+                              f"vocabulary), got {top_k!r}")
+        if (not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool)
+                or not 0 <= max_new_tokens <= limits["max_new_tokens"]):
+            raise GptlabError(f"max_new_tokens must be a whole number from 0 to "
+                              f"{limits['max_new_tokens']} (this model's serve limit, "
+                              f"GPTLAB_MAX_NEW_TOKENS), got {max_new_tokens!r}")
+        if len(prompts) > limits["max_prompts"]:
+            raise GptlabError(f"{len(prompts)} prompts is more than the "
+                              f"{limits['max_prompts']} a request may hold (this model's "
+                              "serve limit, GPTLAB_MAX_PROMPTS)")
+        longest = max((len(p) for p in prompts), default=0)
+        if longest > limits["max_prompt_chars"]:
+            raise GptlabError(f"a prompt of {longest:,} characters is longer than the "
+                              f"{limits['max_prompt_chars']:,} this model takes (its serve "
+                              "limit, GPTLAB_MAX_PROMPT_CHARS)")
+
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float,
                  top_k: int | None, seed: int, num_samples: int = 1, kv_cache: bool = True,
-                 window: str = "half") -> list[str]:
+                 window: str = "half", deadline: float | None = None) -> list[str]:
+        """Each prompt's continuation; past `deadline` (time.monotonic()), a refusal that
+        names the time budget."""
         from gptlab.models import check_sampling_args
-        from gptlab.models.generation import generate_text
+        from gptlab.models.generation import stream_text
 
         if not prompts:
             raise GptlabError("no prompts: give one or more texts to continue")
@@ -67,9 +130,18 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             raise GptlabError("max_new_tokens and seed must be >= 0")
         texts = []
         for prompt in prompts:
-            texts += generate_text(self.model, self.tokenizer, prompt, int(max_new_tokens),
-                                   float(temperature), top_k, int(seed), num_samples,
-                                   kv_cache=kv_cache, window=window)
+            made = [[] for _ in range(num_samples)]
+            for pieces in stream_text(self.model, self.tokenizer, prompt, int(max_new_tokens),
+                                      float(temperature), top_k, int(seed), num_samples,
+                                      kv_cache=kv_cache, window=window):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise GptlabError(
+                        f"the request ran past the {self.limits['request_seconds']:g} s this "
+                        "model may spend on one (its serve limit, GPTLAB_REQUEST_SECONDS): "
+                        "ask for fewer tokens or prompts")
+                for text, piece in zip(made, pieces, strict=True):
+                    text.append(piece)
+            texts += ["".join(text) for text in made]
         return texts
 
 
@@ -128,7 +200,7 @@ def slim(ckpt: dict, path: Path) -> Path:
 
 
 def log(tracking_uri: str, run_id: str, checkpoint: Path, step: int,
-        register_as: str | None = None) -> Any:
+        register_as: str | None = None, limits: Mapping[str, Any] | None = None) -> Any:
     """Log a checkpoint's weights as the run's model (and register it as a new version of
     `register_as`); returns MLflow's ModelInfo."""
     from mlflow.models import Model
@@ -154,6 +226,7 @@ def log(tracking_uri: str, run_id: str, checkpoint: Path, step: int,
         model_id=model.model_id,
         python_model=str(code), artifacts={WEIGHTS: str(weights)},
         signature=signature(), pip_requirements=requirements(),
+        model_config=serve_limits(limits, environ={}),  # the serving machine's, not ours
         # checked by MLflow as a server would call it: two prompts, a short continuation
         input_example=(["\n", "ROMEO:"], {"max_new_tokens": 8}),
         registered_model_name=register_as)
