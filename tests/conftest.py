@@ -291,8 +291,11 @@ class MlflowServer:
     process. Its output goes to a file (a pipe nobody reads would fill and stall it)."""
 
     def __init__(self, backend_uri: str, artifacts: Path, cwd: Path, port: int | None = None,
-                 gptlab: bool = False, workers: int = 1):
+                 gptlab: bool = False, workers: int = 1, auth: list[str] | None = None):
         self.backend_uri, self.artifacts, self.cwd = backend_uri, artifacts, cwd
+        # gptlab-server's accounts options; None: without accounts, as on a loopback address
+        # a team's server need not have them
+        self.auth = ["--no-auth"] if auth is None else auth
         self.port = port or free_port()
         self.gptlab, self.workers = gptlab, workers
         self.log = cwd / f"mlflow-server-{self.port}.log"
@@ -306,7 +309,7 @@ class MlflowServer:
         where = ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
         if self.gptlab:
             return [str(BIN / "gptlab-server"), self.backend_uri, "--artifacts",
-                    str(self.artifacts), *where]
+                    str(self.artifacts), *where, *self.auth]
         return [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend_uri,
                 "--artifacts-destination", str(self.artifacts), *where]
 

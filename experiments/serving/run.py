@@ -13,6 +13,7 @@ this file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,8 +22,11 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -63,11 +67,14 @@ def timed_requests(port: int, n: int, tokens: int) -> list[float]:
     return times
 
 
-def serve(uri: str, tokens: int, n: int) -> list[float]:
+@contextlib.contextmanager
+def serving(uri: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    """`mlflow models serve` of `uri` on a free port, up (its /ping answered); its port."""
     port = free_port()
     # `mlflow models serve` starts `uvicorn` by name: this environment's bin/ goes first
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+               **(env or {}))
     server = subprocess.Popen(
         [str(bin_dir / "mlflow"), "models", "serve", "-m", uri,
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
@@ -82,11 +89,63 @@ def serve(uri: str, tokens: int, n: int) -> list[float]:
                 if server.poll() is not None or time.time() > deadline:
                     sys.exit("error: mlflow models serve did not start")
                 time.sleep(0.5)
-        timed_requests(port, 1, tokens)  # the first request pays for warming up
-        return timed_requests(port, n, tokens)
+        yield port
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def serve(uri: str, tokens: int, n: int) -> list[float]:
+    with serving(uri) as port:
+        timed_requests(port, 1, tokens)  # the first request pays for warming up
+        return timed_requests(port, n, tokens)
+
+
+def post(port: int, body: dict) -> tuple[int, str, float]:
+    """(status, answer's first 120 characters, seconds) of one request."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            code, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        code, text = e.code, e.read().decode()
+    return code, text[:120], time.perf_counter() - start
+
+
+def ping(port: int) -> float:
+    start = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=30):
+        return time.perf_counter() - start
+
+
+def bounded(uri: str, seconds: float) -> list[str]:
+    """The serve limits at work: a request far past the token limit, and one generation that
+    runs into its time budget while /ping and a short request are asked every half second."""
+    env = {"GPTLAB_REQUEST_SECONDS": str(seconds), "GPTLAB_MAX_NEW_TOKENS": "1000000"}
+    with serving(uri, env) as port:
+        code, text, took = post(port, {"inputs": ["ROMEO:"],
+                                       "params": {"max_new_tokens": 10**9}})
+        rows = [f"| max_new_tokens=10^9 | {code} in {1000 * took:.0f} ms: {text} |"]
+        answer: list = []
+        long = threading.Thread(target=lambda: answer.append(post(port, {
+            "inputs": ["ROMEO:"], "params": {"max_new_tokens": 1_000_000}})))
+        long.start()
+        pings, shorts = [], []
+        while long.is_alive():
+            time.sleep(0.5)
+            pings.append(ping(port))
+            shorts.append(post(port, {"inputs": ["ROMEO:"], "params": {"max_new_tokens": 20}}))
+        code, text, took = answer[0]
+        rows += [f"| max_new_tokens=10^6 (budget {seconds:g} s) | {code} after {took:.1f} s: "
+                 f"{text} |",
+                 f"| /ping during it ({len(pings)} times) | {summary(pings)}, max "
+                 f"{1000 * max(pings):.0f} ms |",
+                 f"| 20-token requests during it ({len(shorts)}) | "
+                 f"{sorted({c for c, _, _ in shorts})}, {summary([t for _, _, t in shorts])} |"]
+    return rows
 
 
 def in_process(uri: str, tokens: int, n: int) -> list[float]:
@@ -111,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--experiment", default="gptlab")
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--requests", type=int, default=10)
+    ap.add_argument("--budget", type=float, default=30,
+                    help="the time budget of the long generation (GPTLAB_REQUEST_SECONDS)")
     args = ap.parse_args(argv)
     uri_store = store.resolve_tracking_uri(None)
     os.environ["MLFLOW_TRACKING_URI"] = uri_store
@@ -121,13 +182,16 @@ def main(argv: list[str] | None = None) -> None:
     params = client.get_run(run_id).data.params
     served = serve(uri, args.tokens, args.requests)
     local = in_process(uri, args.tokens, args.requests)
+    limits = bounded(uri, args.budget)
     text = (f"`python experiments/serving/run.py --run-id {run_id}` ({params.get('n_params')} "
             f"parameters, block {params.get('data.block_size')}), {args.requests} requests of "
             f"one prompt and {args.tokens} new tokens, KV cache on; {platform.machine()}, "
             f"{os.cpu_count()} cores, torch {torch.__version__}\n\n"
             f"| path | latency |\n|---|---|\n"
             f"| `mlflow models serve` (HTTP, one request at a time) | {summary(served)} |\n"
-            f"| `mlflow.pyfunc.load_model(...).predict` in-process | {summary(local)} |\n")
+            f"| `mlflow.pyfunc.load_model(...).predict` in-process | {summary(local)} |\n\n"
+            "The serve limits at work (GPTLAB_MAX_NEW_TOKENS=1000000):\n\n"
+            "| request | answer |\n|---|---|\n" + "\n".join(limits) + "\n")
     (HERE / "results.md").write_text(text)
     print(text)
 

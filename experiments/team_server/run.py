@@ -116,7 +116,8 @@ def postgres(folder: Path):
     try:
         wait_for(up, proc, log, "PostgreSQL")
         with admin() as conn:
-            conn.execute("CREATE ROLE gptlab LOGIN PASSWORD 'team-secret'")
+            # CREATEDB: a server with accounts makes their database (mlflow_auth) at its start
+            conn.execute("CREATE ROLE gptlab LOGIN CREATEDB PASSWORD 'team-secret'")
             conn.execute("CREATE DATABASE mlflow OWNER gptlab")
         yield f"postgresql://gptlab:team-secret@127.0.0.1:{port}/mlflow"
     finally:
@@ -124,14 +125,16 @@ def postgres(folder: Path):
 
 
 @contextlib.contextmanager
-def server(db_url: str, folder: Path, workers: int):
-    """`gptlab-server`, the command a team runs; its URL."""
+def server(db_url: str, folder: Path, workers: int, args: tuple[str, ...] = ("--no-auth",),
+           env: dict[str, str] | None = None):
+    """`gptlab-server`, the command a team runs (on loopback, without accounts unless `args`
+    says otherwise); its URL."""
     port, log = free_port(), folder / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in (env or os.environ).items() if k != "MLFLOW_TRACKING_URI"}
     with open(log, "ab") as out:
         proc = subprocess.Popen([str(BIN / "gptlab-server"), db_url, "--artifacts",
                                  str(folder / "artifacts"), "--port", str(port),
-                                 "--workers", str(workers)], env=env, stdout=out,
+                                 "--workers", str(workers), *args], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
 

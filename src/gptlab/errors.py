@@ -45,6 +45,48 @@ def gptlab_cause(e: BaseException | None) -> GptlabError | None:
     return None
 
 
+def refusal(e: BaseException | None) -> str | None:
+    """A tracking server's refusal of the user (HTTP 401 or 403), behind `e`, in one line; or
+    None. MLflow's client reports either with the endpoint and the server's page but not who
+    was refused, and neither is an outage: waiting would not change the answer."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        status = getattr(getattr(e, "response", None), "status_code", None)  # artifacts
+        code = getattr(e, "error_code", None)  # the tracking API
+        if status == 401 or code == "UNAUTHENTICATED":
+            user = tracking_user()
+            if user is None:
+                return ("the tracking server asks who you are: set MLFLOW_TRACKING_USERNAME and "
+                        "MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)")
+            return (f"the tracking server refused user {user}: wrong password or no such user "
+                    "(MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)")
+        if status == 403 or code == "PERMISSION_DENIED":
+            return (f"the tracking server refused user {tracking_user()}: no permission to "
+                    f"{refused_request(e)} (an experiment's owner or an admin grants it: "
+                    "gptlab-server grant USER EXPERIMENT EDIT)")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def refused_request(e: BaseException) -> str:
+    """What was asked, as MLflow's endpoint (`runs/create`) or the artifact's method and path."""
+    request = getattr(e, "request", None)
+    if request is not None and getattr(request, "url", None):
+        path = request.url.partition("/mlflow-artifacts/artifacts/")[2] or request.url
+        return f"{request.method} artifact {path}"
+    endpoint = str(e).partition("endpoint ")[2].split(" ")[0]
+    return endpoint.removeprefix("/api/2.0/mlflow/").removeprefix("/api/3.0/mlflow/") or \
+        "make this request"
+
+
+def tracking_user() -> str | None:
+    """Who MLflow's client signs in as: MLFLOW_TRACKING_USERNAME, or its credentials file."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    return read_mlflow_creds().username
+
+
 def first_line(e: BaseException) -> str:
     """A library's exception as one line of an error message."""
     text = str(e).strip()
@@ -56,6 +98,9 @@ def describe(e: BaseException) -> str:
     cause = gptlab_cause(e)
     if cause is not None:
         return str(cause)
+    refused = refusal(e)
+    if refused is not None:
+        return refused
     if isinstance(e, StopRequested):
         return str(e)
     if isinstance(e, OSError) and e.strerror:
@@ -92,7 +137,7 @@ def exit_code(e: BaseException) -> int:
         return 128 + e.signum
     if isinstance(e, KeyboardInterrupt):
         return 128 + signal.SIGINT
-    expected = (gptlab_cause(e) is not None
+    expected = (gptlab_cause(e) is not None or refusal(e) is not None
                 or isinstance(e, OSError | HydraException | OmegaConfBaseException))
     return BAD_INPUT if expected else UNEXPECTED
 

@@ -1,9 +1,12 @@
-"""gptlab-server: the MLflow tracking server a team shares, its runs in PostgreSQL and its
-artifacts uploaded through the server (clients need no shared file system).
+"""gptlab-server: the MLflow tracking server a team shares, its runs in PostgreSQL, its
+artifacts uploaded through the server (clients need no shared file system), and accounts:
+only the team's users read and write it (MLflow's basic-auth app, tracking/accounts.py).
 
-    gptlab-server postgresql://gptlab:secret@dbhost:5432/mlflow --artifacts /srv/artifacts
+    gptlab-server postgresql://gptlab:secret@dbhost:5432/mlflow --admin-password-file admin.pw
     gptlab-server postgresql://... --host 0.0.0.0 --port 5000 --workers 4
-    gptlab-server postgresql://... -- --allowed-hosts mlflow.example.org   # more mlflow options
+    gptlab-server postgresql://... -- --cors-allowed-origins https://x.org   # more mlflow options
+    gptlab-server user add alice --tracking-uri http://teamhost:5000     # signed in as admin
+    gptlab-server grant alice gptlab EDIT --tracking-uri http://teamhost:5000
 
 The database is checked first (reachable, password accepted), so that a wrong URL ends in one
 line and exit code 2 instead of a server that fails on its first request; then this process
@@ -22,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from gptlab import files
 from gptlab.errors import GptlabError, exit_on_error, first_line
+from gptlab.tracking import accounts
 
 # SQLAlchemy's plain `postgresql://` means psycopg2, which gptlab does not install; psycopg 3
 # (a dependency) is SQLAlchemy's `postgresql+psycopg` dialect
@@ -143,10 +147,12 @@ def allowed_hosts(host: str) -> str | None:
 
 
 def mlflow_command(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
-    """`mlflow server` with proxied artifacts; the database URL goes in URL_ENV."""
+    """`mlflow server` with proxied artifacts and accounts; the database URL goes in URL_ENV."""
     cmd = [sys.executable, "-m", "mlflow", "server",
            "--artifacts-destination", args.artifacts, "--serve-artifacts",
            "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
+    if not args.no_auth:
+        cmd += ["--app-name", "basic-auth"]
     hosts = args.allowed_hosts or (None if "--allowed-hosts" in extra
                                    else allowed_hosts(args.host))
     if hosts:
@@ -180,13 +186,70 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--allowed-hosts", metavar="HOSTS",
                     help="Host headers MLflow accepts, comma-separated (default: MLflow's "
                          "localhost and private IPs, plus this machine's name when --host is "
-                         "not loopback)")
+                         "not loopback); behind a reverse proxy, the name clients use")
+    auth = ap.add_argument_group("accounts (MLflow's basic-auth app; on unless --no-auth)")
+    auth.add_argument("--admin-user", default="admin",
+                      help="the admin, who adds users and grants experiments (default: admin)")
+    auth.add_argument("--admin-password-file", metavar="FILE",
+                      help="the admin's password (first line), needed on the first start; "
+                           f"or ${accounts.ADMIN_PASSWORD_ENV}")
+    auth.add_argument("--default-permission", default="NO_PERMISSIONS",
+                      type=str.upper, choices=accounts.PERMISSIONS,
+                      help="what a user may do on an experiment nobody granted them "
+                           "(default: NO_PERMISSIONS; READ lets every user read every run)")
+    auth.add_argument("--config-dir", default="gptlab-server", metavar="FOLDER",
+                      help="where MLflow's auth config and the Flask secret key are kept, "
+                           "mode 0600 (default: ./gptlab-server); the key may also come from "
+                           f"${accounts.SECRET_ENV}")
+    auth.add_argument("--no-auth", action="store_true",
+                      help="no accounts: anyone who reaches the port reads, changes and "
+                           "deletes every run; only on a loopback --host")
     return ap
+
+
+def admin_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="gptlab-server", description="Manage the team server's users, signed in as its "
+        "admin (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD).",
+        usage="gptlab-server user add|password|remove NAME [--password-file FILE]\n"
+              "       gptlab-server grant NAME EXPERIMENT NO_PERMISSIONS|READ|EDIT|MANAGE")
+    ap.add_argument("command", choices=("user", "grant"))
+    ap.add_argument("words", nargs="+", metavar="ARG")
+    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                    help="the team server (default: $MLFLOW_TRACKING_URI)")
+    ap.add_argument("--password-file", metavar="FILE",
+                    help="the user's new password (first line); else typed, or read from "
+                         "standard input")
+    return ap
+
+
+def manage(argv: Sequence[str]) -> None:
+    """`user add|password|remove NAME` and `grant NAME EXPERIMENT PERMISSION`: one line each."""
+    args = admin_parser().parse_args(argv)
+    if not args.tracking_uri or not args.tracking_uri.startswith(("http://", "https://")):
+        raise GptlabError("give the team server's address: --tracking-uri http://HOST:PORT "
+                          "(or MLFLOW_TRACKING_URI)")
+    words, uri = args.words, args.tracking_uri
+    if args.command == "grant":
+        if len(words) != 3:
+            raise GptlabError("grant takes NAME EXPERIMENT PERMISSION")
+        done = accounts.grant(uri, words[0], words[1], words[2].upper())
+    else:
+        actions = {"add": 2, "password": 2, "remove": 2}
+        if len(words) != actions.get(words[0], 0):
+            raise GptlabError("user takes add NAME, password NAME or remove NAME")
+        action, name = words
+        done = (accounts.add_user(uri, name, args.password_file) if action == "add"
+                else accounts.change_password(uri, name, args.password_file)
+                if action == "password" else accounts.remove_user(uri, name))
+    print(f"gptlab-server: {done}")
 
 
 @exit_on_error
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("user", "grant"):
+        return manage(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if not args.database:
@@ -194,16 +257,28 @@ def main(argv: Sequence[str] | None = None) -> None:
                           f"DATABASE) or set {URL_ENV}")
     if not 0 < args.port < 65536 or args.workers < 1:
         raise GptlabError("--port must be 1..65535 and --workers at least 1")
+    if args.no_auth and args.host not in LOOPBACK:
+        raise GptlabError(f"--no-auth is only for a loopback --host (127.0.0.1): on {args.host} "
+                          "anyone who reaches the port could read, change and delete every run")
     url = sqlalchemy_url(args.database)
+    password = accounts.read_password(args.admin_password_file, accounts.ADMIN_PASSWORD_ENV)
     check_port(args.host, args.port)
     check_database(args.database)
     args.artifacts = artifacts_destination(args.artifacts)
+    env = dict(os.environ, **{URL_ENV: url})
+    env.pop(accounts.ADMIN_PASSWORD_ENV, None)  # given to MLflow below, only on a first start
+    if not args.no_auth:
+        env.update(accounts.auth_environment(
+            Path(args.config_dir).expanduser().resolve(), url, libpq_url(args.database),
+            args.admin_user, password, args.default_permission))
     cmd = mlflow_command(args, extra)
+    users = ("no accounts (--no-auth)" if args.no_auth else
+             f"accounts on, admin {args.admin_user}, "
+             f"default permission {args.default_permission}")
     print(f"gptlab-server: MLflow on {args.host}:{args.port}, runs in {masked(url)}, "
-          f"artifacts in {args.artifacts}\n"
+          f"artifacts in {args.artifacts}, {users}\n"
           f"clients: logger.tracking_uri={client_url(args.host, args.port)}", flush=True)
     sys.stderr.flush()
-    env = dict(os.environ, **{URL_ENV: url})
     os.execve(sys.executable, cmd, env)
 
 

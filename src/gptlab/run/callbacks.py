@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from gptlab import files
 from gptlab.data import tokenizer as tokenizers
 from gptlab.data.tokenizer import CharTokenizer, Tokenizer
-from gptlab.errors import GptlabError, StopRequested
+from gptlab.errors import GptlabError, StopRequested, refusal
 from gptlab.models import build_model, checkpoints
 from gptlab.models.checkpoints import BEST_TAG
 from gptlab.models.generation import generate_text
@@ -115,6 +116,7 @@ class RunCheckpoints(pl.Callback):
                  keep: int = 2):
         self.dirpath, self.steps, self.stop = Path(dirpath), steps, stop
         self.recorder, self.logger, self.keep = recorder, logger, keep
+        self.may_delete = True  # a team server lets only an experiment's managers delete
         self.best: float | None = None
         self.best_step: int | None = None
         self._saved_step: int | None = None
@@ -208,9 +210,18 @@ class RunCheckpoints(pl.Callback):
         if improved:
             client.set_tag(run_id, BEST_TAG, path.name)
         names = checkpoints.step_names(store.artifact_names(client, run_id, "checkpoints"))
-        for name in names[:-self.keep]:
+        for name in names[:-self.keep] if self.may_delete else []:
             if name != best:
-                store.delete_artifact(client, run, f"checkpoints/{name}")
+                try:
+                    store.delete_artifact(client, run, f"checkpoints/{name}")
+                except Exception as e:
+                    # an editor may add to a run, not delete from it: the older checkpoints
+                    # stay, which costs space and nothing of the run
+                    if refusal(e) is None:
+                        raise
+                    self.may_delete = False
+                    print(f"note: older checkpoints are kept in the run: {refusal(e)}",
+                          file=sys.stderr, flush=True)
 
     def _prune_local(self) -> None:
         """The local copies: the newest `keep` and the best (all the checkpoints of a run

@@ -163,11 +163,10 @@ class RunRecord:
              tokenizer_files: dict[str, str], dataset: Dataset | None = None) -> str:
         """Create the run with its tags, params, config, tokenizer and dataset."""
         client, job = self.client, self.job
-        experiment_id = store.get_or_create_experiment(client, cfg.logger.experiment_name)
         tags = {**self._base_tags(), **tags, **self._owner_tags()}
-        run = client.create_run(experiment_id, run_name=job.run_name, tags=tags)
+        run = store.create_run(client, cfg.logger.experiment_name, job.run_name, tags)
         self.run_id = run.info.run_id
-        self.experiment_id = experiment_id
+        self.experiment_id = run.info.experiment_id
         self._lock_run(self.run_id)
         self.recorder.attach(self.run_id)
         self._watch_system(resumed=False)
@@ -292,9 +291,8 @@ class RunRecord:
     def _record_unopened(self, status: str, error: BaseException | None) -> None:
         """A sweep job that ended before its run opened: a child run with the reason."""
         cfg = self.job.cfg
-        experiment_id = store.get_or_create_experiment(self.client, cfg.logger.experiment_name)
-        run = self.client.create_run(experiment_id, run_name=self.job.run_name,
-                                     tags=self._base_tags())
+        run = store.create_run(self.client, cfg.logger.experiment_name, self.job.run_name,
+                               self._base_tags())
         if error is not None:
             self.client.set_tag(run.info.run_id, "gptlab.error", describe(error)[:5000])
         try:

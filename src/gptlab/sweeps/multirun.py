@@ -158,7 +158,6 @@ def open_parent(config: DictConfig, study: str | None = None, run_id: str | None
     if not config.logger.enabled:
         return None
     client = store.connect(config.logger.tracking_uri)
-    experiment_id = store.get_or_create_experiment(client, config.logger.experiment_name)
     keys = varied_keys(config)
     if run_id is not None and _live(client, run_id):
         client.update_run(run_id, status=store.RUNNING)
@@ -171,7 +170,8 @@ def open_parent(config: DictConfig, study: str | None = None, run_id: str | None
                 "mlflow.source.name": "gptlab-train"}
         if study:
             tags["gptlab.study"] = study
-        run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        run_id = store.create_run(client, config.logger.experiment_name, name,
+                                  tags).info.run_id
         task = list(config.hydra.overrides.task)
         client.log_text(run_id, "\n".join(task) + "\n", "overrides.txt")
         if keys:

@@ -26,7 +26,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from gptlab import project_root
-from gptlab.errors import GptlabError, first_line
+from gptlab.errors import GptlabError, first_line, refusal, tracking_user
 from gptlab.files import check_writable, file_lock, try_lock
 
 # MLflow's own progress bars for downloads are noise in a training log; a user's setting wins
@@ -165,6 +165,8 @@ def _first_look(client: MlflowClient, uri: str) -> None:
     try:
         client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
+        if refusal(e) is not None:
+            raise GptlabError(refusal(e)) from None
         raise GptlabError(f"cannot reach the MLflow tracking store at {uri}: "
                           f"{first_line(e)[:300]}") from None
     finally:
@@ -189,6 +191,22 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def create_run(client: MlflowClient, experiment: str, run_name: str | None,
+               tags: Mapping[str, str]) -> Run:
+    """A new run in the experiment named `experiment` (made if there is none). On a team server
+    making runs in another's experiment needs its EDIT permission: a refusal says so."""
+    experiment_id = get_or_create_experiment(client, experiment)
+    try:
+        return client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    except MlflowException as e:
+        if getattr(e, "error_code", None) != "PERMISSION_DENIED":
+            raise
+        user = tracking_user()
+        raise GptlabError(f"the tracking server refused user {user}: no EDIT permission on "
+                          f"experiment {experiment} (its owner or an admin grants it: "
+                          f"gptlab-server grant {user} {experiment} EDIT)") from None
 
 
 UI_DEFAULT = "http://127.0.0.1:5000"  # where `make ui` serves a local store
