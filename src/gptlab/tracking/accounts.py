@@ -143,11 +143,11 @@ def auth_client(tracking_uri: str) -> Any:
     """MLflow's client of the basic-auth app, signed in as MLFLOW_TRACKING_USERNAME."""
     import warnings
 
-    with warnings.catch_warnings():  # MLflow's server module warns of its own imports
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with warnings.catch_warnings():  # MLflow's server modules warn of their own imports
+        warnings.simplefilter("ignore")
         import mlflow.server
 
-    return mlflow.server.get_app_client("basic-auth", tracking_uri=tracking_uri)
+        return mlflow.server.get_app_client("basic-auth", tracking_uri=tracking_uri)
 
 
 def new_password(path: str | None, name: str) -> str:
