@@ -5,6 +5,8 @@ as a plot of their validation-loss curves.
     gptlab-compare --experiment lecture_progression --plot curves.png
     gptlab-compare --sweep latest                    # the children of the newest sweep
     gptlab-compare --sweep latest --by model.pos_emb --baseline model.pos_emb=learned
+    gptlab-compare --experiment sizes --scaling --by model.pos_emb --baseline \
+        model.pos_emb=learned --plot scaling.png       # loss against compute, multipliers
 
 MLflow is imported once the arguments are read (gptlab.tracking.comparison), so that --help and a
 wrong argument answer at once.
@@ -66,14 +68,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="what ranks, groups and plots the runs (default: val/loss, or "
                          "val/bpc where the runs' tokenizers differ: losses per token do not "
                          "compare across tokenizers)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="fit each group's loss against training compute, L = E + A "
+                         "C^-alpha (groups: --by, or every differing param but the seed and "
+                         "the model's size and steps); with --baseline, each group's compute "
+                         "multiplier; with --plot, loss against compute on log axes")
+    ap.add_argument("--bootstrap", type=int, default=200, metavar="N",
+                    help="--scaling's intervals: N draws of the seeds at each size "
+                         "(default: 200; 0: fits without intervals)")
     ap.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else mlruns/")
     args = ap.parse_args(argv)
+    if args.bootstrap < 0:
+        raise GptlabError("--bootstrap takes a number of draws, 0 or more")
     if args.plot:
         check_plot_path(args.plot)
     from gptlab.tracking.comparison import compare
 
     compare(args.experiment, args.sweep, args.plot, args.tracking_uri, args.by, args.baseline,
-            args.metric)
+            args.metric, args.scaling, args.bootstrap)
 
 
 if __name__ == "__main__":

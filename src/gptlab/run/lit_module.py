@@ -45,6 +45,7 @@ class LitLM(pl.LightningModule):
     ):
         super().__init__()
         self.model = model
+        self.flops_per_token = 0  # set by the run (run/training.py); 0: not counted
         if compile:
             model.compile()  # in place: the state dict, so the checkpoints, keep plain names
         self.lr, self.weight_decay, self.betas, self.fused = lr, weight_decay, tuple(betas), fused
@@ -89,8 +90,11 @@ class LitLM(pl.LightningModule):
         # throughput over the logging interval, so the figure is not one noisy step
         now = time.perf_counter()
         world = self.trainer.world_size  # every process trains on batches of its own
+        tokens = float(step * batch_tokens * world)
         metrics = {"train/loss": loss.item(), "lr": self.optimizers().param_groups[0]["lr"],
-                   "tokens": float(step * batch_tokens * world)}
+                   "tokens": tokens}
+        if self.flops_per_token:  # compute so far, what scaling fits read (models/compute.py)
+            metrics["flops"] = tokens * self.flops_per_token
         if self._last_time is not None and now > self._last_time:
             metrics["tokens_per_sec"] = world * self._tokens_since / (now - self._last_time)
         self._last_time, self._tokens_since = now, 0

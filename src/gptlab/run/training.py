@@ -28,7 +28,7 @@ from gptlab.console import log
 from gptlab.data import tokenizer as tokenizers
 from gptlab.data.datamodule import CorpusDataModule
 from gptlab.errors import GptlabError, StopRequested
-from gptlab.models import class_path, memory
+from gptlab.models import class_path, compute, memory
 from gptlab.models.checkpoints import check_matches, model_weights
 from gptlab.run import checks, ddp
 from gptlab.run.callbacks import RunCheckpoints, sample_text
@@ -159,6 +159,7 @@ def setup(cfg: DictConfig, job: Job, record: RunRecord, stop: StopSignals,
         check_matches(resume.ckpt, model, info["vocab"])
     check_optimizer(model, cfg.optim.get("name", "adamw"))
     lit = build_lit(cfg, model, compile_model, info)
+    lit.flops_per_token = compute.flops_per_token(model, model_kwargs)
     steps = lit.steps
     logger = RunLogger(record.recorder) if record.recorder is not None else None
     loggers = [logger] if logger else []
@@ -187,6 +188,9 @@ def open_run(s: Session, record: RunRecord) -> None:
     if s.info["code_version"]:
         tags["mlflow.source.git.commit"] = s.info["code_version"]
     record.open(s.cfg, tags, {"vocab_size": s.dm.vocab_size, "n_params": s.n_params,
+                              "n_params_non_embedding":
+                                  compute.non_embedding_parameters(s.lit.model),
+                              "flops_per_token": s.lit.flops_per_token,
                               "world_size": world,
                               "global_batch_size": s.cfg.data.batch_size * world},
                 tokenizers.artifacts(s.dm.tokenizer), dataset_of(s.dm))

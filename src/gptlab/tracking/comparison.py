@@ -27,7 +27,7 @@ from gptlab.tracking import store
 # what varies between repeats of the same setting
 REPEAT_KEYS = ("seed",)
 # what follows from other params, so never tells settings apart by itself
-DERIVED = ("n_params", "vocab_size", "model.class")
+DERIVED = ("n_params", "n_params_non_embedding", "flops_per_token", "vocab_size", "model.class")
 
 
 def select_runs(client: MlflowClient, experiment: str, sweep: str | None) -> tuple[list[Run], str]:
@@ -103,6 +103,7 @@ def summarize(client: MlflowClient, run: Run, keys: Sequence[str]) -> dict[str, 
         "wall time": f"{(end - run.info.start_time) / 1000:.0f}s" if end else "-",
         "status": run.info.status,
         "_params": dict(p),
+        "_flops": run.data.metrics.get("flops", math.nan),  # compute trained, for --scaling
         "_curve": [(m.step, m.value) for m in val],
         "_curve val/bpc": [(m.step, m.value) for m in bpc],
     }
@@ -281,12 +282,67 @@ def plot(rows: Sequence[dict[str, Any]], title: str, path: str,
     plt.close(fig)
 
 
+# what sets a run's size: runs that differ only in these (and seeds) are one group's sizes
+SIZE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "trainer.max_steps",
+             "optim.warmup_steps", "optim.decay_steps", "trainer.val_check_interval")
+
+
+def scaling_points(rows: Sequence[dict[str, Any]], runs: Sequence[Run],
+                   by: Sequence[str] | None, metric: str
+                   ) -> tuple[dict[str, list[tuple[float, float]]], list[str]]:
+    """(compute, best `metric`) of each run, by group: the keys named, or every differing
+    param but the seed and what sets a run's size."""
+    keys = list(by) if by else [k for k in group_keys(runs, None) if k not in SIZE_KEYS]
+    missing = [r["run"] for r in rows if math.isnan(r["_flops"])]
+    if missing:
+        raise GptlabError(f"{len(missing)} runs have no compute recorded (the flops metric; "
+                          f"runs trained before gptlab recorded it): {', '.join(missing[:5])}")
+    points: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        best = by_metric(r, metric)[0]
+        if not math.isnan(best):
+            points.setdefault(group_name(r["_params"], keys), []).append((r["_flops"], best))
+    return points, keys
+
+
+def scaling_report(client: MlflowClient, rows: Sequence[dict[str, Any]], runs: Sequence[Run],
+                   title: str, by: Sequence[str] | None, baseline: str | None, metric: str,
+                   draws: int, plot_path: str | None, parent: Run | None) -> str:
+    """Fit each group's law, print it (and the multipliers against `baseline`), plot it, and
+    keep both on the sweep's parent run."""
+    from gptlab.tracking import scaling
+
+    points, keys = scaling_points(rows, runs, by, metric)
+    if baseline is not None and baseline not in points:
+        baseline = named_group(baseline)
+        if baseline not in points:
+            raise GptlabError(f"--baseline names no group (groups: {', '.join(sorted(points))})")
+    fits = scaling.fit_groups(points, draws)
+    text = (f"{title}\n{metric} = E + A C^-alpha by {', '.join(keys) or 'nothing'} "
+            f"(C: training FLOPs; [95% interval over {draws} bootstrap draws of the seeds])\n"
+            + format_table(scaling.fit_table(fits)))
+    if baseline is not None and len(fits) > 1:
+        text += (f"\n\ncompute multipliers against {baseline}: the baseline's compute to "
+                 "reach each group's loss, over the group's, at the baseline's sizes\n"
+                 + format_table(scaling.multiplier_table(fits, baseline)))
+    print(text)
+    if plot_path:
+        scaling.plot(fits, f"{title}: {metric} against compute", plot_path)
+        print(f"plot written to {plot_path}")
+    if parent is not None:
+        client.log_text(parent.info.run_id, text + "\n", "scaling.txt")
+        if plot_path:
+            client.log_artifact(parent.info.run_id, plot_path)
+    return text
+
+
 def compare(experiment: str, sweep: str | None = None, plot_path: str | None = None,
             tracking_uri: str | None = None, by: Sequence[str] | None = None,
-            baseline: str | None = None, metric: str | None = None
-            ) -> dict[str, list[dict[str, Any]]]:
+            baseline: str | None = None, metric: str | None = None, scaling: bool = False,
+            draws: int = 200) -> dict[str, list[dict[str, Any]]]:
     """Print the runs (and their groups, where runs repeat a setting) and plot them, ranked
-    by `metric` (default: val/loss, or val/bpc where the runs' tokenizers differ)."""
+    by `metric` (default: val/loss, or val/bpc where the runs' tokenizers differ); with
+    `scaling`, each group's loss against compute instead (tracking/scaling.py)."""
     client = store.connect(tracking_uri)
     runs, title = select_runs(client, experiment, sweep)
     metric = metric or default_metric(runs)
@@ -294,6 +350,12 @@ def compare(experiment: str, sweep: str | None = None, plot_path: str | None = N
     rows = sorted((summarize(client, r, keys) for r in runs),
                   key=lambda r: (by_metric(r, metric)[0] != by_metric(r, metric)[0],
                                  by_metric(r, metric)[0]))
+    if scaling:
+        parent = (find_sweep(client, store.experiment_id(client, experiment), experiment,
+                             sweep) if sweep else None)
+        text = scaling_report(client, rows, runs, title, by, baseline, metric, draws,
+                              plot_path, parent)
+        return {"runs": rows, "groups": [], "scaling": [text]}
     gkeys = group_keys(runs, by)
     grouped = groups(rows, gkeys, baseline, metric)
     repeated = bool(by) or baseline is not None or any(g["runs"] > 1 for g in grouped)
