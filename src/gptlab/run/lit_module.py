@@ -39,6 +39,7 @@ class LitLM(pl.LightningModule):
         muon_lr: float = 0.02,
         muon_momentum: float = 0.95,
         muon_weight_decay: float = 0.0,
+        muon_precision: str = "auto",
         compile: bool = False,
         checkpoint_info: dict[str, Any] | None = None,
         steps: Steps | None = None,
@@ -51,7 +52,7 @@ class LitLM(pl.LightningModule):
         self.lr, self.weight_decay, self.betas, self.fused = lr, weight_decay, tuple(betas), fused
         self.optimizer_name = name
         self.muon = {"muon_lr": muon_lr, "muon_momentum": muon_momentum,
-                     "muon_weight_decay": muon_weight_decay}
+                     "muon_weight_decay": muon_weight_decay, "muon_precision": muon_precision}
         self.min_lr, self.warmup_steps, self.schedule_name = min_lr, warmup_steps, schedule
         # null: over the whole run (trainer.max_steps), fixed when the optimizer is made
         self.decay_steps = decay_steps
