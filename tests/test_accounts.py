@@ -182,6 +182,7 @@ def alices_sweep(team, tmp_path_factory, small_corpus):
     return tmp
 
 
+@pytest.mark.slow  # 15 s or more
 def test_an_editor_trains_a_parallel_sweep_and_resumes_a_run(team, alices_sweep, monkeypatch,
                                                              capsys, small_corpus):
     with pytest.MonkeyPatch.context() as m:

@@ -26,6 +26,7 @@ def sweep_tree(client: MlflowClient, experiment: str) -> tuple:
     return parents[0], children
 
 
+@pytest.mark.slow  # 15 s or more
 def test_a_submitit_sweep_nests_its_jobs_under_one_parent(tmp_path, empty_store,
                                                           small_corpus, capsys):
     seed(empty_store, tmp_path)

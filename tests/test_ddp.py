@@ -149,6 +149,7 @@ def test_validation_is_the_whole_set_as_one_process_scores_it(straight_ddp, smal
     assert math.isclose(recorded, expected, rel_tol=1e-5), (recorded, expected)
 
 
+@pytest.mark.slow  # 15 s or more
 def test_a_stopped_ddp_run_resumes_to_the_same_record(straight_ddp, small_corpus, monkeypatch,
                                                       capsys):
     tmp, _, expected = straight_ddp
@@ -298,6 +299,7 @@ def test_two_torchrun_nodes_train_one_run(tmp_path, empty_store, small_corpus):
     assert (tmp_path / "outputs" / "torchrun" / "two-nodes" / "ddp" / "plan.json").is_file()
 
 
+@pytest.mark.slow  # 15 s or more
 def test_an_elastic_restart_resumes_the_same_run(straight_ddp, small_corpus):
     tmp, _, expected = straight_ddp
     # rank 1 is SIGKILLed at step 14 (checkpoints every 4 steps); torchrun restarts both ranks

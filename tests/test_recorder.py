@@ -135,6 +135,7 @@ def test_cancel_takes_back_a_write_not_started():
     assert client.points == []
 
 
+@pytest.mark.slow  # 15 s or more
 def test_a_sqlite_store_locked_by_another_process_is_waited_for(tmp_path):
     """Processes sharing a SQLite store (a sweep's parallel jobs, a shared study) lock it in
     turn; a write that finds it locked for longer than MLflow waits is retried, not a failure

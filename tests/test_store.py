@@ -256,6 +256,7 @@ def outage_through(tmp_path_factory, small_corpus, postgres) -> Iterator[Outage]
                      gone_after, training_went_on)
 
 
+@pytest.mark.slow  # 15 s or more
 def test_a_server_away_for_a_while_loses_nothing(outage):
     code, err = outage.results["outage"]
     assert outage.training_went_on  # while the server was away

@@ -118,6 +118,7 @@ def test_a_stopped_search_started_again_continues_its_study(tmp_path, empty_stor
     assert len(study_runs(tmp_path)[1]) == 5
 
 
+@pytest.mark.slow  # 15 s or more
 def test_processes_share_a_study_kept_in_postgresql(postgres, tmp_path, small_corpus,
                                                    monkeypatch, capsys):
     url = postgres.create_database(driver=False)  # a plain postgresql:// URL, as users give

@@ -144,6 +144,7 @@ def test_failing_job_is_recorded_and_others_finish(train_here, tmp_path):
     assert "divisible" in runs["n_head=3"].data.tags["gptlab.error"]
 
 
+@pytest.mark.slow  # 15 s or more
 def test_parallel_jobs_share_an_empty_store(tmp_path, small_corpus):
     assert not (tmp_path / "mlruns").exists()
     res = run_cli("gptlab-train", ["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=4",

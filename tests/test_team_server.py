@@ -139,6 +139,7 @@ def test_the_server_is_postgresql_backed_with_artifacts_uploaded_through_it(team
     assert postgres.PASSWORD not in log
 
 
+@pytest.mark.slow  # 15 s or more
 def test_sample_and_compare_read_through_the_server(team, straight, sweep, tmp_path_factory,
                                                     small_corpus):
     tmp, env = client_folder(tmp_path_factory, "reader", small_corpus)
