@@ -33,6 +33,7 @@ from gptlab.models import check_window, sampled
 from gptlab.models.averaging import AGGREGATIONS
 
 POS_EMBS, NORMS, MLPS = ("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu2")
+PARAMETRIZATIONS = ("standard", "mup")
 
 
 class LayerCache:
@@ -91,9 +92,9 @@ def make_norm(kind: str, n_embd: int, bias: bool) -> nn.Module:
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool,
-                 qk_norm: bool = False):
+                 qk_norm: bool = False, scale: float | None = None):
         super().__init__()
-        self.n_head = n_head
+        self.n_head, self.scale = n_head, scale  # scale None: 1/sqrt(head size)
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # key, query, value projections
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         hs = n_embd // n_head
@@ -121,7 +122,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.extend(k, v)  # (B, nh, past + T, hs)
         # softmax(q k^T / sqrt(hs)) v: the scale keeps the affinities at unit variance
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -181,12 +183,13 @@ class Block(nn.Module):
 
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, attention: str,
                  aggregation: str, ffn: bool, residual: bool, layernorm: bool,
-                 norm: str = "layernorm", mlp: str = "gelu", qk_norm: bool = False):
+                 norm: str = "layernorm", mlp: str = "gelu", qk_norm: bool = False,
+                 attn_scale: float | None = None):
         super().__init__()
         self.residual = residual
         self.ln_1 = make_norm(norm, n_embd, bias) if layernorm else nn.Identity()
         if attention == "self":
-            self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm)
+            self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, qk_norm, attn_scale)
         else:
             self.attn = CausalAverage(aggregation)
         self.ln_2 = make_norm(norm, n_embd, bias) if layernorm and ffn else nn.Identity()
@@ -212,7 +215,8 @@ def check_args(args: dict) -> None:
         if not isinstance(args[name], bool):
             raise GptlabError(f"model.{name} must be true or false, got {args[name]!r}")
     for name, choices in (("attention", ("self", "average")), ("init", ("gpt2", "torch")),
-                          ("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
+                          ("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS),
+                          ("parametrization", PARAMETRIZATIONS)):
         if args[name] not in choices:
             raise GptlabError(f"model.{name} must be one of {', '.join(choices)}, "
                               f"got {args[name]!r}")
@@ -221,7 +225,10 @@ def check_args(args: dict) -> None:
         raise GptlabError(f"model.dropout must be a number in [0, 1), got {dropout!r}")
     if not isinstance(base, int | float) or isinstance(base, bool) or not base > 1:
         raise GptlabError(f"model.rope_base must be a number > 1, got {base!r}")
-    n_embd, n_head = args["n_embd"], args["n_head"]
+    n_embd, n_head, base = args["n_embd"], args["n_head"], args["mup_base_width"]
+    if not isinstance(base, int) or isinstance(base, bool) or base <= 0 or base % n_head:
+        raise GptlabError(f"model.mup_base_width must be a positive integer divisible by "
+                          f"model.n_head ({n_head}), got {base!r}")
     if args["attention"] == "self" and n_embd % n_head != 0:
         raise GptlabError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})")
     if args["pos_emb"] == "rope":
@@ -255,10 +262,21 @@ class GPT(nn.Module):
         norm: str = "layernorm",
         mlp: str = "gelu",
         qk_norm: bool = False,
+        parametrization: str = "standard",
+        mup_base_width: int = 128,
     ):
         super().__init__()
         check_args(dict(locals()))
         self.vocab_size, self.block_size = vocab_size, block_size
+        # muP (Yang et al. 2022, "Tensor Programs V"): with the width multiplier m = n_embd /
+        # mup_base_width, hidden weights start with variance / m, AdamW steps them with lr / m
+        # (run/optim.py), the logits are divided by m and attention scales as 1/d_head (equal
+        # to 1/sqrt(d_head) at the base width), so that the best lr found at one width holds at
+        # another. At m = 1 it is the standard parametrization but for nothing.
+        self.mup = parametrization == "mup"
+        self.width_mult = n_embd / mup_base_width if self.mup else 1.0
+        hs, base_hs = n_embd // n_head, mup_base_width // n_head
+        attn_scale = math.sqrt(base_hs) / hs if self.mup else None
         self.wte = nn.Embedding(vocab_size, n_embd)  # token embeddings
         # position: learned embeddings added to the tokens', or rotations inside attention
         self.wpe = nn.Embedding(block_size, n_embd) if pos_emb == "learned" else None
@@ -266,7 +284,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.h = nn.ModuleList(
             Block(n_embd, n_head, dropout, bias, attention, aggregation, ffn, residual, layernorm,
-                  norm, mlp, qk_norm)
+                  norm, mlp, qk_norm, attn_scale)
             for _ in range(n_layer)
         )
         self.ln_f = make_norm(norm, n_embd, bias) if layernorm else nn.Identity()
@@ -279,9 +297,12 @@ class GPT(nn.Module):
             # residual connections this shrinks the signal block after block until nothing
             # trains: the lecture's early stages use PyTorch's default init (init="torch")
             self.apply(self._init_weights)
+            hidden = 0.02 / math.sqrt(self.width_mult)  # muP: variance / m inside the blocks
             for name, p in self.named_parameters():
                 if name.endswith("c_proj.weight"):
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+                    nn.init.normal_(p, mean=0.0, std=hidden / math.sqrt(2 * n_layer))
+                elif self.width_mult != 1.0 and name.startswith("h.") and p.dim() == 2:
+                    nn.init.normal_(p, mean=0.0, std=hidden)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -305,7 +326,8 @@ class GPT(nn.Module):
         rope = None if self.rotary is None else self.rotary.angles(pos)
         for i, block in enumerate(self.h):
             x = block(x, None if kv_cache is None else kv_cache[i], rope)
-        return self.lm_head(self.ln_f(x))  # (B, T, V)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        return logits / self.width_mult if self.mup else logits
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -37,6 +37,21 @@ def adamw_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float
     ]
 
 
+def mup_groups(model: nn.Module, params: list[tuple[str, nn.Parameter]], lr: float,
+               weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's groups; under muP (a model with a width multiplier m != 1, models/gpt.py) the
+    blocks' matrices step with lr / m, after the others (so the first group's lr, the one a
+    run logs, stays the base lr)."""
+    width_mult = getattr(model, "width_mult", 1.0)
+    if width_mult == 1.0:
+        return adamw_groups(params, weight_decay)
+    hidden = [(n, p) for n, p in params if is_hidden_matrix(n, p)]
+    rest = [(n, p) for n, p in params if not is_hidden_matrix(n, p)]
+    groups = adamw_groups(rest, weight_decay) + [
+        {**g, "lr": lr / width_mult} for g in adamw_groups(hidden, weight_decay)]
+    return [g for g in groups if g["params"]]
+
+
 def is_hidden_matrix(name: str, p: nn.Parameter) -> bool:
     """A 2-D weight inside the transformer blocks (`h.N....`): what Muon is for."""
     return p.dim() == 2 and name.startswith("h.")
@@ -150,8 +165,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                     muon_precision: str = "auto") -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(adamw_groups(params, weight_decay), lr=lr, betas=betas,
-                                 fused=fused)
+        return torch.optim.AdamW(mup_groups(model, params, lr, weight_decay), lr=lr,
+                                 betas=betas, fused=fused)
     if name != "muon":
         raise GptlabError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     check_optimizer(model, name)
