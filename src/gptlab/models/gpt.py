@@ -226,7 +226,8 @@ def check_args(args: dict) -> None:
     if not isinstance(base, int | float) or isinstance(base, bool) or not base > 1:
         raise GptlabError(f"model.rope_base must be a number > 1, got {base!r}")
     n_embd, n_head, base = args["n_embd"], args["n_head"], args["mup_base_width"]
-    if not isinstance(base, int) or isinstance(base, bool) or base <= 0 or base % n_head:
+    if args["parametrization"] == "mup" and (not isinstance(base, int) or isinstance(base, bool)
+                                             or base <= 0 or base % n_head):
         raise GptlabError(f"model.mup_base_width must be a positive integer divisible by "
                           f"model.n_head ({n_head}), got {base!r}")
     if args["attention"] == "self" and n_embd % n_head != 0:
