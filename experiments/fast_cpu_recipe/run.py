@@ -36,7 +36,8 @@ from gptlab.tracking import store
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENT = "fast_cpu_recipe"
-RECIPES = ["shakespeare_char_cpu", "shakespeare_char_cpu_fast", "shakespeare_char_cpu_best"]
+RECIPES = ["shakespeare_char_cpu", "shakespeare_char_cpu_fast", "shakespeare_char_cpu_best",
+           "shakespeare_char_cpu_record"]
 
 
 def train(recipe: str) -> tuple[str, float]:
@@ -115,7 +116,8 @@ def plot(results: dict, targets: list[float], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipes", nargs="+", default=RECIPES)
-    ap.add_argument("--targets", type=float, nargs="+", default=[1.88, 1.70])
+    ap.add_argument("--targets", type=float, nargs="+",
+                    default=[1.88, 1.80, 1.75, 1.70, 1.65])
     ap.add_argument("--nanogpt", type=Path, default=None, help="a checkout of nanoGPT")
     args = ap.parse_args(argv)
     client = store.connect()
