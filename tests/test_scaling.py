@@ -115,6 +115,7 @@ def test_scaling_input_it_cannot_fit_is_one_line(monkeypatch, capsys, tmp_path):
         (["--by", "model.pos_emb", "--bootstrap", "0"],
          ["pos_emb=learned", "2 compute sizes", "at least 3"]),
         (["--by", "model.pos_emb", "--baseline", "pos_emb=alibi"], ["--baseline"]),
+        (["--by", "model.pos_emb_", "--bootstrap", "0"], ["no run has model.pos_emb_"]),
     ]
     for args, words in cases:
         code, _, err = cli(monkeypatch, capsys, tmp_path, tmp_path, compare_cli.main,

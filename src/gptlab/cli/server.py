@@ -235,13 +235,15 @@ def manage(argv: Sequence[str]) -> None:
             raise GptlabError("grant takes NAME EXPERIMENT PERMISSION")
         done = accounts.grant(uri, words[0], words[1], words[2].upper())
     else:
-        actions = {"add": 2, "password": 2, "remove": 2}
-        if len(words) != actions.get(words[0], 0):
+        if len(words) != 2 or words[0] not in ("add", "password", "remove"):
             raise GptlabError("user takes add NAME, password NAME or remove NAME")
         action, name = words
-        done = (accounts.add_user(uri, name, args.password_file) if action == "add"
-                else accounts.change_password(uri, name, args.password_file)
-                if action == "password" else accounts.remove_user(uri, name))
+        if action == "remove":
+            done = accounts.remove_user(uri, name)
+        elif action == "add":
+            done = accounts.add_user(uri, name, args.password_file)
+        else:
+            done = accounts.change_password(uri, name, args.password_file)
     print(f"gptlab-server: {done}")
 
 

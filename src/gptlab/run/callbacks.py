@@ -217,10 +217,10 @@ class RunCheckpoints(pl.Callback):
                 except Exception as e:
                     # an editor may add to a run, not delete from it: the older checkpoints
                     # stay, which costs space and nothing of the run
-                    if refusal(e) is None:
+                    if not (said := refusal(e)):
                         raise
                     self.may_delete = False
-                    print(f"note: older checkpoints are kept in the run: {refusal(e)}",
+                    print(f"note: older checkpoints are kept in the run: {said}",
                           file=sys.stderr, flush=True)
 
     def _prune_local(self) -> None:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab.errors import GptlabError, gptlab_cause
 from gptlab.models import check_sampling_args, check_window, memory
 from gptlab.run.devices import check_devices, processes_per_node
-from gptlab.run.optim import MUON_PRECISIONS, OPTIMIZERS
+from gptlab.run.optim import OPTIMIZERS, muon_dtype
 from gptlab.run.schedule import SCHEDULES
 
 
@@ -81,9 +81,7 @@ def check_train_config(cfg: DictConfig) -> None:
         number(cfg, "optim.muon_lr", 0.0, low_open=True)
         number(cfg, "optim.muon_momentum", 0.0, 1.0, high_open=True)
         number(cfg, "optim.muon_weight_decay", 0.0)
-        if cfg.optim.get("muon_precision", "auto") not in MUON_PRECISIONS:
-            raise GptlabError(f"optim.muon_precision must be one of {', '.join(MUON_PRECISIONS)}, "
-                              f"got {cfg.optim.muon_precision!r}")
+        muon_dtype(cfg.optim.get("muon_precision", "auto"), torch.device("cpu"))
     betas = cfg.optim.betas
     if (not OmegaConf.is_list(betas) or len(betas) != 2
             or not all(_number(b) and 0.0 <= b < 1.0 for b in betas)):

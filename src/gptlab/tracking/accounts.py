@@ -13,10 +13,12 @@ the server open.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import secrets
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +173,8 @@ def refused(e: Exception, name: str) -> GptlabError:
     from gptlab.errors import refusal
 
     code = getattr(e, "error_code", "")
-    if refusal(e):
-        return GptlabError(refusal(e))
+    if said := refusal(e):
+        return GptlabError(said)
     if code == "RESOURCE_ALREADY_EXISTS":
         return GptlabError(f"user {name} already exists")
     if code == "RESOURCE_DOES_NOT_EXIST":
@@ -181,29 +183,32 @@ def refused(e: Exception, name: str) -> GptlabError:
                        if "Response body" in str(e) else first_line(e))
 
 
-def add_user(tracking_uri: str, name: str, password_file: str | None) -> str:
-    password = new_password(password_file, name)
+@contextlib.contextmanager
+def answered(name: str) -> Iterator[None]:
+    """What the auth server refuses about user `name`, as one line (`refused`)."""
     try:
-        auth_client(tracking_uri).create_user(name, password)
+        yield
     except Exception as e:  # noqa: BLE001 - MLflow's refusal, said in one line
         raise refused(e, name) from None
+
+
+def add_user(tracking_uri: str, name: str, password_file: str | None) -> str:
+    password = new_password(password_file, name)
+    with answered(name):
+        auth_client(tracking_uri).create_user(name, password)
     return f"user {name} added"
 
 
 def change_password(tracking_uri: str, name: str, password_file: str | None) -> str:
     password = new_password(password_file, name)
-    try:
+    with answered(name):
         auth_client(tracking_uri).update_user_password(name, password)
-    except Exception as e:  # noqa: BLE001
-        raise refused(e, name) from None
     return f"password of {name} changed"
 
 
 def remove_user(tracking_uri: str, name: str) -> str:
-    try:
+    with answered(name):
         auth_client(tracking_uri).delete_user(name)
-    except Exception as e:  # noqa: BLE001
-        raise refused(e, name) from None
     return f"user {name} removed"
 
 
@@ -216,8 +221,7 @@ def grant(tracking_uri: str, name: str, experiment: str, permission: str) -> str
         raise GptlabError(f"permission must be one of {', '.join(PERMISSIONS)}, "
                           f"got {permission!r}")
     client, auth = MlflowClient(tracking_uri), auth_client(tracking_uri)
-    made = ""
-    try:
+    with answered(name):
         found = client.get_experiment_by_name(experiment)
         experiment_id = (found.experiment_id if found
                          else client.create_experiment(experiment))
@@ -229,8 +233,4 @@ def grant(tracking_uri: str, name: str, experiment: str, permission: str) -> str
                 raise
             auth.revoke_user_permission(name, "experiment", experiment_id)
             auth.grant_user_permission(name, "experiment", experiment_id, permission)
-    except GptlabError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise refused(e, name) from None
     return f"{name}: {permission} on experiment {experiment} (id {experiment_id}{made})"

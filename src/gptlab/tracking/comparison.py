@@ -149,6 +149,16 @@ def named_group(name: str) -> str:
     return group_name({k: v for k, _, v in pairs}, [k for k, _, _ in pairs])
 
 
+def baseline_group(baseline: str | None, groups: Sequence[str]) -> str | None:
+    """--baseline as the name of one of `groups` (named_group), or a one-line refusal."""
+    if baseline is None or baseline in groups:
+        return baseline
+    if named_group(baseline) in groups:
+        return named_group(baseline)
+    raise GptlabError(f"--baseline {named_group(baseline)!r} names no group (groups: "
+                      f"{', '.join(sorted(groups))})")
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -187,11 +197,7 @@ def groups(rows: Sequence[dict[str, Any]], keys: Sequence[str], baseline: str | 
     members: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         members.setdefault(group_name(row["_params"], keys), []).append(row)
-    if baseline is not None and baseline not in members:
-        baseline = named_group(baseline)
-    if baseline is not None and baseline not in members:
-        raise GptlabError(f"--baseline {baseline!r} names no group (groups: "
-                          f"{', '.join(sorted(members))})")
+    baseline = baseline_group(baseline, members)
     out = []
     for name, rs in members.items():
         best, final, curves = zip(*(by_metric(r, metric) for r in rs), strict=True)
@@ -292,7 +298,9 @@ def scaling_points(rows: Sequence[dict[str, Any]], runs: Sequence[Run],
                    ) -> tuple[dict[str, list[tuple[float, float]]], list[str]]:
     """(compute, best `metric`) of each run, by group: the keys named, or every differing
     param but the seed and what sets a run's size."""
-    keys = list(by) if by else [k for k in group_keys(runs, None) if k not in SIZE_KEYS]
+    keys = group_keys(runs, by)
+    if not by:
+        keys = [k for k in keys if k not in SIZE_KEYS]
     missing = [r["run"] for r in rows if math.isnan(r["_flops"])]
     if missing:
         raise GptlabError(f"{len(missing)} runs have no compute recorded (the flops metric; "
@@ -313,10 +321,7 @@ def scaling_report(client: MlflowClient, rows: Sequence[dict[str, Any]], runs: S
     from gptlab.tracking import scaling
 
     points, keys = scaling_points(rows, runs, by, metric)
-    if baseline is not None and baseline not in points:
-        baseline = named_group(baseline)
-        if baseline not in points:
-            raise GptlabError(f"--baseline names no group (groups: {', '.join(sorted(points))})")
+    baseline = baseline_group(baseline, list(points))
     fits = scaling.fit_groups(points, draws)
     text = (f"{title}\n{metric} = E + A C^-alpha by {', '.join(keys) or 'nothing'} "
             f"(C: training FLOPs; [95% interval over {draws} bootstrap draws of the seeds])\n"

@@ -165,8 +165,8 @@ def _first_look(client: MlflowClient, uri: str) -> None:
     try:
         client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
-        if refusal(e) is not None:
-            raise GptlabError(refusal(e)) from None
+        if said := refusal(e):
+            raise GptlabError(said) from None
         raise GptlabError(f"cannot reach the MLflow tracking store at {uri}: "
                           f"{first_line(e)[:300]}") from None
     finally:
