@@ -133,8 +133,20 @@ def test_scaling_input_it_cannot_fit_is_one_line(monkeypatch, capsys, tmp_path):
                          ["--experiment", "sizes", "--scaling", "--by", "model.pos_emb",
                           "--bootstrap", "0"])
     assert code == 0 and "pos_emb=rope" in out, err
-    # a run without compute recorded
-    client.log_metric(client.create_run(exp, run_name="old").info.run_id, "val/loss", 2.0)
+    # runs that did not finish are left out, and said so
+    failed = client.create_run(exp, run_name="failed").info.run_id
+    client.log_param(failed, "model.pos_emb", "rope")
+    client.log_metric(failed, "val/loss", 0.5)  # far below the law: it would move the fit
+    client.set_terminated(failed, "FAILED")
+    code, again, err = cli(monkeypatch, capsys, tmp_path, tmp_path, compare_cli.main,
+                           ["--experiment", "sizes", "--scaling", "--by", "model.pos_emb",
+                            "--bootstrap", "0"])
+    assert code == 0 and again == out and "left out 1 runs that did not finish (1 FAILED)" \
+        in err, err
+    # a finished run without compute recorded
+    old = client.create_run(exp, run_name="old").info.run_id
+    client.log_metric(old, "val/loss", 2.0)
+    client.set_terminated(old)
     code, _, err = cli(monkeypatch, capsys, tmp_path, tmp_path, compare_cli.main,
                        ["--experiment", "sizes", "--scaling", "--by", "model.pos_emb",
                         "--bootstrap", "0"])

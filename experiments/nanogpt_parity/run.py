@@ -87,8 +87,11 @@ def nanogpt_model(ckpt_path: Path, vocab_size: int) -> GPT:
     return model
 
 
-def run_nanogpt(repo: Path, corpus: Path, seed: int, work: Path) -> tuple[Path, float]:
-    """Train nanoGPT's CPU recipe once; returns its final checkpoint and the wall time."""
+def run_nanogpt(repo: Path, corpus: Path, seed: int,
+                work: Path) -> tuple[Path, float, list[tuple[int, float, float]]]:
+    """Train nanoGPT's CPU recipe once; returns its final checkpoint, the wall time and its
+    validations as (step, seconds since the command started, val loss), read from the lines
+    its train.py prints as it goes."""
     copy = work / "nanoGPT"
     if not copy.exists():
         shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(".git"))
@@ -97,11 +100,20 @@ def run_nanogpt(repo: Path, corpus: Path, seed: int, work: Path) -> tuple[Path, 
         subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True,
                        capture_output=True)
     out = work / f"nanogpt-{seed}"
-    env = dict(os.environ, SEED_OFFSET=str(seed - 1337))
+    env = dict(os.environ, SEED_OFFSET=str(seed - 1337), PYTHONUNBUFFERED="1")
+    curve = []
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", HARNESS, *NANOGPT_ARGS, f"--out_dir={out}"],
-                   cwd=copy, env=env, check=True, capture_output=True)
-    return out / "ckpt.pt", time.perf_counter() - start
+    with subprocess.Popen([sys.executable, "-c", HARNESS, *NANOGPT_ARGS, f"--out_dir={out}"],
+                          cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        for line in proc.stdout:  # "step 250: train loss 2.0123, val loss 2.0845"
+            if line.startswith("step ") and "val loss" in line:
+                step = int(line.split()[1].rstrip(":"))
+                curve.append((step, time.perf_counter() - start, float(line.split()[-1])))
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+    return out / "ckpt.pt", seconds, curve
 
 
 def run_gptlab(seed: int, tracking_uri: str) -> tuple[str, float]:
@@ -193,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             run_id, seconds = run_gptlab(seed, uri)
             gptlab.append(score(gptlab_model(client, run_id, work), x, y))
             results["gptlab_s"].append(seconds)
-            ckpt, seconds = run_nanogpt(args.nanogpt, corpus, seed, work)
+            ckpt, seconds, _ = run_nanogpt(args.nanogpt, corpus, seed, work)
             nanogpt.append(score(nanogpt_model(ckpt, tokenizer.vocab_size), x, y))
             results["nanogpt_s"].append(seconds)
             print(f"seed {seed}: gptlab {gptlab[-1]:.4f}, nanoGPT {nanogpt[-1]:.4f}", flush=True)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from mlflow.entities import Run
+from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
@@ -288,6 +290,7 @@ def plot(rows: Sequence[dict[str, Any]], title: str, path: str,
     plt.close(fig)
 
 
+FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 # what sets a run's size: runs that differ only in these (and seeds) are one group's sizes
 SIZE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "trainer.max_steps",
              "optim.warmup_steps", "optim.decay_steps", "trainer.val_check_interval")
@@ -296,11 +299,19 @@ SIZE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "trainer.max_steps
 def scaling_points(rows: Sequence[dict[str, Any]], runs: Sequence[Run],
                    by: Sequence[str] | None, metric: str
                    ) -> tuple[dict[str, list[tuple[float, float]]], list[str]]:
-    """(compute, best `metric`) of each run, by group: the keys named, or every differing
-    param but the seed and what sets a run's size."""
+    """(compute, best `metric`) of each finished run, by group: the keys named, or every
+    differing param but the seed and what sets a run's size. A run that failed, was killed or
+    still runs stopped short of its schedule: its loss is not its size's, so it is left out,
+    and said so on stderr."""
     keys = group_keys(runs, by)
     if not by:
         keys = [k for k in keys if k not in SIZE_KEYS]
+    unfinished = Counter(r["status"] for r in rows if r["status"] != FINISHED)
+    if unfinished:
+        print(f"left out {sum(unfinished.values())} runs that did not finish ("
+              + ", ".join(f"{n} {status}" for status, n in sorted(unfinished.items())) + ")",
+              file=sys.stderr)
+        rows = [r for r in rows if r["status"] == FINISHED]
     missing = [r["run"] for r in rows if math.isnan(r["_flops"])]
     if missing:
         raise GptlabError(f"{len(missing)} runs have no compute recorded (the flops metric; "
