@@ -78,9 +78,15 @@ METRICS = ("val/loss", "val/bpc")
 def default_metric(runs: Sequence[Run]) -> str:
     """val/loss, unless the runs tokenize differently: losses per token do not compare
     across tokenizers, bits per character over the same characters do."""
-    tokenizers = {(r.data.params.get("data.tokenizer", "char"),
-                   r.data.params.get("data.vocab_size")) for r in runs}
-    return "val/bpc" if len(tokenizers) > 1 else "val/loss"
+    return "val/bpc" if len({tokenizer_of(r) for r in runs}) > 1 else "val/loss"
+
+
+def tokenizer_of(run: Run) -> tuple[str, str | None]:
+    """A run's tokenizer and, for BPE, its vocabulary size. A char tokenizer's vocabulary is
+    its corpus's characters: whether its (null) vocab_size was recorded, as the whole config
+    of a failed job is, changes nothing."""
+    kind = run.data.params.get("data.tokenizer", "char")
+    return (kind, None) if kind == "char" else (kind, run.data.params.get("data.vocab_size"))
 
 
 def summarize(client: MlflowClient, run: Run, keys: Sequence[str]) -> dict[str, Any]:
@@ -343,7 +349,7 @@ def scaling_report(client: MlflowClient, rows: Sequence[dict[str, Any]], runs: S
                  + format_table(scaling.multiplier_table(fits, baseline)))
     print(text)
     if plot_path:
-        scaling.plot(fits, f"{title}: {metric} against compute", plot_path)
+        scaling.plot(fits, f"{title}: {metric} against compute", f"best {metric}", plot_path)
         print(f"plot written to {plot_path}")
     if parent is not None:
         client.log_text(parent.info.run_id, text + "\n", "scaling.txt")

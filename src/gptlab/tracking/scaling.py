@@ -196,7 +196,7 @@ def multiplier_table(fits: Sequence[GroupFit], baseline: str) -> list[dict[str, 
     return rows
 
 
-def plot(fits: Sequence[GroupFit], title: str, path: str) -> None:
+def plot(fits: Sequence[GroupFit], title: str, ylabel: str, path: str) -> None:
     """Loss against compute on log axes: each size's mean with one std over seeds, and the
     fitted law of each group."""
     import matplotlib
@@ -216,7 +216,7 @@ def plot(fits: Sequence[GroupFit], title: str, path: str) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training compute (FLOPs)")
-    ax.set_ylabel("best val/loss (mean, bars: one std over seeds)")
+    ax.set_ylabel(f"{ylabel} (mean, bars: one std over seeds)")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
