@@ -143,6 +143,12 @@ def test_scaling_input_it_cannot_fit_is_one_line(monkeypatch, capsys, tmp_path):
                             "--bootstrap", "0"])
     assert code == 0 and again == out and "left out 1 runs that did not finish (1 FAILED)" \
         in err, err
+    # nothing finished: nothing to fit
+    only_failed = client.create_experiment("only_failed")
+    client.set_terminated(client.create_run(only_failed).info.run_id, "FAILED")
+    code, _, err = cli(monkeypatch, capsys, tmp_path, tmp_path, compare_cli.main,
+                       ["--experiment", "only_failed", "--scaling", "--bootstrap", "0"])
+    one_line_error(code, err, "no finished runs to fit")
     # a finished run without compute recorded
     old = client.create_run(exp, run_name="old").info.run_id
     client.log_metric(old, "val/loss", 2.0)

@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
-    seconds = {}
+    seconds: dict[int, float] = {}
+    if args.report_only and (HERE / "results.json").exists():  # the sweeps' times, kept
+        seconds = {int(w): s for w, s in json.loads(
+            (HERE / "results.json").read_text())["seconds"].items()}
     if not args.report_only:
         for width in sorted(args.widths, reverse=True):  # the costliest first
             start = time.perf_counter()
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     text = (f"`{command.strip()}` ({machine})\n\n| width | N (non-embedding) | steps | "
             f"sweep wall time |\n|---:|---:|---:|---:|\n{sizes}\n\n```\n{table}```\n")
     (HERE / "results.md").write_text(text)
-    if seconds:
+    if not args.report_only:
         (HERE / "results.json").write_text(json.dumps(
             {"seconds": seconds, "machine": machine, "command": command.strip()}, indent=2))
     print(text)

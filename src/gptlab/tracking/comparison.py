@@ -309,15 +309,18 @@ def scaling_points(rows: Sequence[dict[str, Any]], runs: Sequence[Run],
     differing param but the seed and what sets a run's size. A run that failed, was killed or
     still runs stopped short of its schedule: its loss is not its size's, so it is left out,
     and said so on stderr."""
-    keys = group_keys(runs, by)
-    if not by:
-        keys = [k for k in keys if k not in SIZE_KEYS]
     unfinished = Counter(r["status"] for r in rows if r["status"] != FINISHED)
     if unfinished:
+        rows = [r for r in rows if r["status"] == FINISHED]
+        runs = [r for r in runs if r.info.status == FINISHED]  # nor do their params group
+        if not rows:
+            raise GptlabError("no finished runs to fit")
         print(f"left out {sum(unfinished.values())} runs that did not finish ("
               + ", ".join(f"{n} {status}" for status, n in sorted(unfinished.items())) + ")",
               file=sys.stderr)
-        rows = [r for r in rows if r["status"] == FINISHED]
+    keys = group_keys(runs, by)
+    if not by:
+        keys = [k for k in keys if k not in SIZE_KEYS]
     missing = [r["run"] for r in rows if math.isnan(r["_flops"])]
     if missing:
         raise GptlabError(f"{len(missing)} runs have no compute recorded (the flops metric; "
