@@ -125,7 +125,8 @@ def test_compare_ranks_runs_of_different_tokenizers_by_bits_per_character(runs):
     assert default_metric([char_run]) == "val/loss"
     # a failed char job records its whole config, a null vocab_size among it: still chars
     failed = client.create_run(client.create_experiment("failed_char")).info.run_id
-    client.log_params(failed, {"data.tokenizer": "char", "data.vocab_size": None})
+    client.log_param(failed, "data.tokenizer", "char")
+    client.log_param(failed, "data.vocab_size", None)
     client.set_terminated(failed, "FAILED")
     assert default_metric([char_run, client.get_run(failed)]) == "val/loss"
 

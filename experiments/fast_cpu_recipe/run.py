@@ -1,7 +1,8 @@
 """The CPU recipes side by side: nanoGPT's CPU recipe (`experiment=shakespeare_char_cpu`),
-the fast schedule (`shakespeare_char_cpu_fast`) and the best recipe found with today's ideas
-(`shakespeare_char_cpu_best`), one after the other on this machine, and, given a nanoGPT
-checkout, nanoGPT's own `train.py` with the CPU recipe for its wall time.
+the fast schedule (`shakespeare_char_cpu_fast`), the best recipe with today's ideas and AdamW
+(`shakespeare_char_cpu_best`) and the CPU record (`shakespeare_char_cpu_record`), one after the
+other on this machine, and, given a nanoGPT checkout, first nanoGPT's own `train.py` with the
+CPU recipe.
 
 For nanoGPT and each gptlab recipe: the best val/loss, the wall time of the whole command
 (start-up included) and the time since the command started at which val/loss first reached
