@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -74,6 +76,30 @@ def compare(plot: Path, bootstrap: int) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
+def means() -> str:
+    """Best val/loss by idea and width, mean +- std over seeds: the points the fits go through."""
+    from gptlab.tracking import comparison, store
+
+    client = store.connect()
+    runs, _ = comparison.select_runs(client, EXPERIMENT, None)
+    losses: dict[tuple[str, int], list[float]] = {}
+    for run in runs:
+        if run.info.status == "FINISHED":
+            key = (run.data.params["ideas"], int(run.data.params["model.n_embd"]))
+            best = comparison.summarize(client, run, [])["best val/loss"]
+            losses.setdefault(key, []).append(best)
+    ideas = [i for i in IDEAS if any(k[0] == i for k in losses)]
+    widths = sorted({w for _, w in losses})
+    lines = ["Best val/loss by idea and width (mean +- std over seeds):", "",
+             "| idea | " + " | ".join(f"width {w}" for w in widths) + " |",
+             "|---|" + "---:|" * len(widths)]
+    for idea in ideas:
+        cells = [f"{statistics.fmean(v):.4f} +- {statistics.stdev(v):.4f}" if len(v) > 1
+                 else f"{v[0]:.4f}" for v in (losses.get((idea, w), [math.nan]) for w in widths)]
+        lines.append(f"| {idea} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--widths", type=int, nargs="+", default=WIDTHS)
@@ -97,11 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     command = "python experiments/compute_multipliers/run.py " + " ".join(argv or sys.argv[1:])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} runs at a time"
     sizes = "\n".join(f"| {w} | {non_embedding(w):,} | {schedule(w)['steps']} | "
-                      f"{seconds[w] / 60:.1f} min |" if w in seconds else
-                      f"| {w} | {non_embedding(w):,} | {schedule(w)['steps']} | |"
+                      + (f"{seconds[w] / 60:.1f} min" if w in seconds else "") + " |"
                       for w in sorted(args.widths))
     text = (f"`{command.strip()}` ({machine})\n\n| width | N (non-embedding) | steps | "
-            f"sweep wall time |\n|---:|---:|---:|---:|\n{sizes}\n\n```\n{table}```\n")
+            f"sweep wall time |\n|---:|---:|---:|---:|\n{sizes}\n\n```\n{table}```\n\n"
+            + means())
     (HERE / "results.md").write_text(text)
     if not args.report_only:
         (HERE / "results.json").write_text(json.dumps(
