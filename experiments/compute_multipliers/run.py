@@ -84,7 +84,7 @@ def means() -> str:
     runs, _ = comparison.select_runs(client, EXPERIMENT, None)
     losses: dict[tuple[str, int], list[float]] = {}
     for run in runs:
-        if run.info.status == "FINISHED":
+        if run.info.status == store.FINISHED:
             key = (run.data.params["ideas"], int(run.data.params["model.n_embd"]))
             best = comparison.summarize(client, run, [])["best val/loss"]
             losses.setdefault(key, []).append(best)

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
@@ -296,7 +296,6 @@ def plot(rows: Sequence[dict[str, Any]], title: str, path: str,
     plt.close(fig)
 
 
-FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 # what sets a run's size: runs that differ only in these (and seeds) are one group's sizes
 SIZE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "trainer.max_steps",
              "optim.warmup_steps", "optim.decay_steps", "trainer.val_check_interval")
@@ -309,10 +308,10 @@ def scaling_points(rows: Sequence[dict[str, Any]], runs: Sequence[Run],
     differing param but the seed and what sets a run's size. A run that failed, was killed or
     still runs stopped short of its schedule: its loss is not its size's, so it is left out,
     and said so on stderr."""
-    unfinished = Counter(r["status"] for r in rows if r["status"] != FINISHED)
+    unfinished = Counter(r["status"] for r in rows if r["status"] != store.FINISHED)
     if unfinished:
-        rows = [r for r in rows if r["status"] == FINISHED]
-        runs = [r for r in runs if r.info.status == FINISHED]  # nor do their params group
+        rows = [r for r in rows if r["status"] == store.FINISHED]
+        runs = [r for r in runs if r.info.status == store.FINISHED]  # nor do their params group
         if not rows:
             raise GptlabError("no finished runs to fit")
         print(f"left out {sum(unfinished.values())} runs that did not finish ("
